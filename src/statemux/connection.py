@@ -1,0 +1,515 @@
+"""The sans-I/O runner: one machine, its receive buffer, its timers and its effects.
+
+:class:`Connection` knows machines but not sockets. A driver (the selectors loop, the blocking
+driver, the in-memory test harness) subclasses it, feeds it bytes (:meth:`receive`), EOF
+(:meth:`receive_eof`) and messages, and implements the transport hooks:
+
+``_transmit(data)``     hand bytes to the transport (send or buffer)
+``_buffered()``         bytes the transport still holds
+``_interest_changed()`` whether the runner wants input changed (state, pause, close)
+``_closing(abort)``     closing began: flush then close (or drop everything if ``abort``)
+``_release()``          the runner is finished: free the transport
+
+It talks to its *host* (the server, or the simulator) for the clock, timers, the hub, the
+tracer, counters, limits and error reporting; see :class:`Host`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .events import (
+    DRAINED,
+    OPENED,
+    CloseReason,
+    Drained,
+    Frame,
+    FrameTooLong,
+    Message,
+    Opened,
+    PeerClosed,
+    ProtocolError,
+    TimedOut,
+    TimerFired,
+    UndeclaredTransition,
+)
+from .framing import ReceiveBuffer
+from .hub import Hub
+from .limits import Limits
+from .machine import CLOSED, IMPLICIT_REASONS, CompiledState, Edge, HandlerError, Machine, Spec, attach
+
+__all__ = ["Connection", "Stats", "Host", "Tracer"]
+
+Tracer = Callable[[int, str, str, str], None]
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Host(Protocol):
+    """What a runner needs from the server (or simulator) that hosts it."""
+
+    limits: Limits
+    hub: Hub
+    tracer: Tracer | None
+    stats: Stats
+
+    def time(self) -> float: ...
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> TimerHandle: ...
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> Any: ...
+    def report_error(self, conn: Connection) -> None: ...
+
+
+class Stats:
+    """Per-server counters: transitions taken per edge, and close reasons."""
+
+    def __init__(self) -> None:
+        self._edges: dict[Spec, list[int]] = {}
+        self.close_reasons: Counter[CloseReason] = Counter()
+
+    def edge_counts(self, spec: Spec) -> list[int]:
+        counts = self._edges.get(spec)
+        if counts is None:
+            counts = self._edges[spec] = [0] * len(spec.edges)
+        return counts
+
+    def transitions(self) -> Counter[tuple[str, str, str, str]]:
+        """``(machine, from state, event, to state) -> times taken``."""
+        out: Counter[tuple[str, str, str, str]] = Counter()
+        for spec, counts in self._edges.items():
+            for edge, n in zip(spec.edges, counts):
+                if n:
+                    out[(spec.name, edge.source, edge.event, edge.target)] += n
+        return out
+
+    def untaken(self, spec: Spec, *, explicit_only: bool = True) -> list[Edge]:
+        """Edges of ``spec`` never taken on this server (coverage)."""
+        counts = self._edges.get(spec, [0] * len(spec.edges))
+        return [e for e, n in zip(spec.edges, counts) if not n and not (explicit_only and e.implicit)]
+
+
+class Connection:
+    """Drives one machine. Drivers subclass it; see the module docstring."""
+
+    __slots__ = (
+        "host", "machine", "spec", "state", "cid", "peer", "rbuf", "out", "effects", "counts",
+        "tracer", "closing", "closed", "eof", "paused", "state_timer", "timers", "inbox",
+        "inbox_scheduled", "resume_scheduled", "drain_scheduled", "topics", "opened_at",
+        "last_active", "idle_timer", "bytes_in", "bytes_out", "__weakref__",
+    )  # fmt: skip
+
+    def __init__(self, host: Host, machine: Machine, cid: int, peer: Any) -> None:
+        spec = getattr(type(machine), "spec", None)
+        if spec is None:
+            raise TypeError(f"{type(machine).__qualname__} declares no states; it is not a machine")
+        self.host = host
+        self.machine = machine
+        self.spec: Spec = spec
+        self.state: CompiledState = spec.initial
+        self.cid = cid
+        self.peer = peer
+        self.rbuf = ReceiveBuffer()
+        self.out: list[bytes] = []
+        self.effects: list[tuple[str, Any]] = []
+        self.counts = host.stats.edge_counts(spec)
+        self.tracer = host.tracer
+        self.closing: CloseReason | None = None
+        self.closed = False
+        self.eof = False
+        self.paused = False
+        self.state_timer: TimerHandle | None = None
+        self.timers: dict[str, TimerHandle] | None = None
+        self.inbox: deque[Message] | None = None
+        self.inbox_scheduled = False
+        self.resume_scheduled = False
+        self.drain_scheduled = False
+        self.topics: set[str] | None = None
+        self.opened_at = self.last_active = host.time()
+        self.idle_timer: TimerHandle | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        attach(machine, self)
+
+    # -- transport hooks (drivers override) -----------------------------------------------------
+    def _transmit(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _buffered(self) -> int:
+        return 0
+
+    def _interest_changed(self) -> None:
+        pass
+
+    def _closing(self, abort: bool) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        pass
+
+    # -- what drivers call ---------------------------------------------------------------------
+    @property
+    def wants_input(self) -> bool:
+        """True while the runner wants bytes: a reading state, not paused, not closing."""
+        return (
+            self.closing is None
+            and not self.eof
+            and not self.paused
+            and self.state.framing is not None
+        )
+
+    def start(self) -> None:
+        """The connection is open: arm timers, deliver ``Opened``, flush."""
+        st = self.state
+        if st.timeout is not None:
+            self.state_timer = self.host.call_later(st.timeout, self._state_timed_out, st)
+        idle = self.host.limits.idle_timeout
+        if idle is not None:
+            self.idle_timer = self.host.call_later(idle, self._idle_check)
+        if Opened in st.handlers:
+            self._dispatch(Opened, OPENED)
+        self._settle()
+
+    def receive(self, data: bytes) -> None:
+        """Bytes arrived from the peer."""
+        self.bytes_in += len(data)
+        self.last_active = self.host.time()
+        if self.closing is not None:
+            return
+        self.rbuf.data += data
+        self._process()
+
+    def receive_eof(self) -> None:
+        """The peer will send nothing more."""
+        if self.eof:
+            return
+        self.eof = True
+        if self.closing is None:
+            self._process()
+        self._interest_changed()
+
+    def receive_datagram(self, data: bytes) -> None:
+        """One whole datagram: a frame if the state's framing allows its size."""
+        self.bytes_in += len(data)
+        self.last_active = self.host.time()
+        if self.closing is not None:
+            return
+        framing = self.state.framing
+        if framing is None:
+            return
+        if len(data) > framing.max_size:
+            self._dispatch(FrameTooLong, FrameTooLong("datagram", framing.max_size, len(data)))
+        else:
+            self._dispatch(Frame, data)
+        self._settle()
+
+    def deliver(self, message: Message) -> None:
+        """Queue a hub message; it is handled after the current handler returns."""
+        if self.closing is not None:
+            return
+        if self.inbox is None:
+            self.inbox = deque()
+        self.inbox.append(message)
+        if not self.inbox_scheduled:
+            self.inbox_scheduled = True
+            self.host.call_soon(self._drain_inbox)
+
+    def writable_again(self) -> None:
+        """Drivers call this when buffered output fell to the low-water mark."""
+        if self.closing is not None:
+            return
+        if self.paused:
+            self.paused = False
+            self._interest_changed()
+            if self.rbuf.data or self.eof:
+                self._schedule_resume()
+        if Drained in self.state.handlers:
+            self._dispatch(Drained, DRAINED)
+            self._settle()
+
+    def close(self, reason: CloseReason, *, abort: bool = False) -> None:
+        """Begin closing: flush then close, or drop everything when ``abort``."""
+        if self.closing is not None:
+            if abort:
+                self._closing(True)
+            return
+        self.closing = reason
+        self._cancel_timers()
+        out = self.out
+        if out and not abort:
+            # Bytes a handler sent are delivered before a graceful close.
+            data = b"".join(out)
+            self.bytes_out += len(data)
+            self._transmit(data)
+        out.clear()
+        self._closing(abort)
+
+    def finish(self) -> None:
+        """Drivers call this once the transport is done: counts, hook, release."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.closing is None:
+            self.closing = CloseReason.PEER_CLOSED
+        self._cancel_timers()
+        self.host.stats.close_reasons[self.closing] += 1
+        hub = self.host.hub
+        if self.topics:
+            for topic in self.topics:
+                hub.unsubscribe(topic, self)
+            self.topics = None
+        try:
+            self.machine.on_closed(self.closing)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:
+            self.host.report_error(self)
+        self.out.clear()
+        if self.effects:
+            self._apply_effects()
+        self._release()
+
+    # -- the engine -----------------------------------------------------------------------------
+    def _process(self) -> None:
+        """Cut and handle every buffered frame (within the per-event budget)."""
+        budget = self.host.limits.frames_per_event
+        rbuf = self.rbuf
+        machine = self.machine
+        while True:
+            if self.closing is not None or self.paused:
+                break
+            framing = self.state.framing
+            if framing is None:
+                break
+            if not budget:
+                if rbuf.data:
+                    self._schedule_resume()
+                break
+            try:
+                frame = framing.cut(rbuf, machine)
+            except FrameTooLong as exc:
+                self._dispatch(FrameTooLong, exc)
+                if self.closing is None:
+                    rbuf.data.clear()
+                    rbuf.scan = 0
+                break
+            except ProtocolError as exc:
+                self._dispatch(ProtocolError, exc)
+                break
+            if frame is None:
+                if self.eof:
+                    self._dispatch(PeerClosed, PeerClosed(bytes(rbuf.data)))
+                    if self.closing is None:
+                        self.close(CloseReason.PEER_CLOSED)
+                break
+            self._dispatch(Frame, frame)
+            budget -= 1
+        if self.eof and self.closing is None and self.state.framing is None:
+            self._dispatch(PeerClosed, PeerClosed(bytes(rbuf.data)))
+            if self.closing is None:
+                self.close(CloseReason.PEER_CLOSED)
+        self._settle()
+
+    def _dispatch(self, etype: type, event: Any) -> None:
+        st = self.state
+        handler = st.handlers.get(etype)
+        if handler is None:
+            idx = st.implicit.get(etype)
+            if idx is not None:
+                self._take_implicit(st, idx, IMPLICIT_REASONS[etype])
+            return
+        out = self.out
+        mark = len(out)
+        try:
+            ret = handler.func(self.machine, event)
+            entry = handler.default if ret is None else handler.targets.get(ret)
+            if entry is None:
+                names = ", ".join(sorted({cs.name for cs, _ in handler.targets.values()}))
+                raise UndeclaredTransition(
+                    f"{self.spec.name}.{handler.name} returned {ret!r} in state '{st.name}'; "
+                    f"declared targets: {names}"
+                )
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except ProtocolError as exc:
+            del out[mark:]
+            self.effects.clear()
+            if etype is not ProtocolError and ProtocolError in st.handlers:
+                self._dispatch(ProtocolError, exc)
+            else:
+                idx = st.implicit.get(ProtocolError)
+                if idx is not None:
+                    self._take_implicit(st, idx, CloseReason.PROTOCOL_ERROR)
+                else:
+                    self.close(CloseReason.PROTOCOL_ERROR)
+            return
+        except Exception:
+            del out[mark:]
+            self.effects.clear()
+            self.host.report_error(self)
+            idx = st.implicit.get(HandlerError)
+            if idx is not None:
+                self._take_implicit(st, idx, CloseReason.HANDLER_ERROR)
+            else:
+                self.close(CloseReason.HANDLER_ERROR)
+            return
+        new, idx = entry
+        self.counts[idx] += 1
+        if self.tracer is not None:
+            self.tracer(self.cid, st.name, handler.event_name, new.name)
+        if new is not st:
+            self._enter(new)
+        if self.effects:
+            self._apply_effects()
+
+    def _take_implicit(self, st: CompiledState, idx: int, reason: CloseReason) -> None:
+        self.counts[idx] += 1
+        if self.tracer is not None:
+            self.tracer(self.cid, st.name, self.spec.edges[idx].event, CLOSED)
+        self.close(reason)
+
+    def _enter(self, new: CompiledState) -> None:
+        if self.state_timer is not None:
+            self.state_timer.cancel()
+            self.state_timer = None
+        old = self.state
+        self.state = new
+        if new.final:
+            self.close(CloseReason.NORMAL)
+            return
+        if new.timeout is not None:
+            self.state_timer = self.host.call_later(new.timeout, self._state_timed_out, new)
+        if (old.framing is None) != (new.framing is None):
+            self._interest_changed()
+
+    def _apply_effects(self) -> None:
+        effects = self.effects[:]
+        self.effects.clear()
+        host = self.host
+        for kind, arg in effects:
+            if kind == "publish":
+                topic, payload, include_self = arg
+                host.hub.publish(topic, payload, self, include_self)
+            elif self.closed:
+                continue
+            elif kind == "close":
+                self.close(CloseReason.NORMAL)
+            elif kind == "abort":
+                self.close(CloseReason.ABORTED, abort=True)
+            elif kind == "start_timer":
+                name, seconds = arg
+                if self.closing is not None:
+                    continue
+                if self.timers is None:
+                    self.timers = {}
+                old = self.timers.pop(name, None)
+                if old is not None:
+                    old.cancel()
+                self.timers[name] = host.call_later(seconds, self._timer_fired, name)
+            elif kind == "cancel_timer":
+                if self.timers is not None:
+                    old = self.timers.pop(arg, None)
+                    if old is not None:
+                        old.cancel()
+            elif kind == "subscribe":
+                if self.closing is not None:
+                    continue
+                if self.topics is None:
+                    self.topics = set()
+                self.topics.add(arg)
+                host.hub.subscribe(arg, self)
+            elif kind == "unsubscribe":
+                if self.topics is not None and arg in self.topics:
+                    self.topics.discard(arg)
+                    host.hub.unsubscribe(arg, self)
+
+    def _settle(self) -> None:
+        """After handling: hand queued output to the transport in one piece."""
+        out = self.out
+        if out and self.closing is None:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if data:
+                self.bytes_out += len(data)
+                self.last_active = self.host.time()
+                self._transmit(data)
+        if self.closing is None and Drained in self.state.handlers and not self.drain_scheduled:
+            if self._buffered() <= self.host.limits.output_low_water:
+                self.drain_scheduled = True
+                self.host.call_soon(self._deliver_drained)
+
+    def pause(self) -> None:
+        """Drivers call this when buffered output passed the high-water mark."""
+        if not self.paused:
+            self.paused = True
+            self._interest_changed()
+
+    # -- scheduled callbacks ------------------------------------------------------------------------
+    def _schedule_resume(self) -> None:
+        if not self.resume_scheduled:
+            self.resume_scheduled = True
+            self.host.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        self.resume_scheduled = False
+        if self.closing is None:
+            self._process()
+
+    def _drain_inbox(self) -> None:
+        self.inbox_scheduled = False
+        inbox = self.inbox
+        while inbox and self.closing is None:
+            self._dispatch(Message, inbox.popleft())
+        if inbox and self.closing is not None:
+            inbox.clear()
+        self._settle()
+
+    def _deliver_drained(self) -> None:
+        self.drain_scheduled = False
+        if self.closing is None and Drained in self.state.handlers:
+            if self._buffered() <= self.host.limits.output_low_water:
+                self._dispatch(Drained, DRAINED)
+                self._settle()
+
+    def _state_timed_out(self, st: CompiledState) -> None:
+        self.state_timer = None
+        if self.closing is None and self.state is st:
+            self._dispatch(TimedOut, TimedOut(st.name, st.timeout or 0.0))
+            self._settle()
+
+    def _timer_fired(self, name: str) -> None:
+        if self.timers is not None:
+            self.timers.pop(name, None)
+        if self.closing is None:
+            self._dispatch(TimerFired, TimerFired(name))
+            self._settle()
+
+    def _idle_check(self) -> None:
+        self.idle_timer = None
+        if self.closing is not None:
+            return
+        idle = self.host.limits.idle_timeout
+        if idle is None:
+            return
+        quiet = self.host.time() - self.last_active
+        if quiet >= idle:
+            self.close(CloseReason.IDLE)
+        else:
+            self.idle_timer = self.host.call_later(idle - quiet, self._idle_check)
+
+    def _cancel_timers(self) -> None:
+        if self.state_timer is not None:
+            self.state_timer.cancel()
+            self.state_timer = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if self.timers:
+            for handle in self.timers.values():
+                handle.cancel()
+            self.timers = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} #{self.cid} {self.spec.name}:{self.state.name} peer={self.peer!r}>"

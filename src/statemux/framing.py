@@ -1,0 +1,190 @@
+"""Framing: how a state cuts complete frames out of the bytes received.
+
+A framing is a small object with a limit. The runner asks the *current* state's framing for the
+next frame before every frame, so a handler that changes state (say, from reading a header line
+to reading an exact-size body) changes how the very next buffered bytes are cut.
+
+Extension point
+---------------
+A machine may bring its own cutter: subclass :class:`Framing` and implement ``cut``. It receives
+the connection's :class:`ReceiveBuffer` and the machine, and returns the next frame (any object
+but ``None``), or ``None`` when more bytes are needed. It raises :class:`FrameTooLong` when a
+limit is passed, :class:`ProtocolError` on malformed input. To stay O(bytes received) when data
+trickles in, it records in ``buffer.scan`` how far it already searched; the runner resets
+``scan`` to 0 whenever bytes are consumed with ``buffer.take``/``buffer.skip``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .events import FrameTooLong
+
+__all__ = ["ReceiveBuffer", "Framing", "Line", "Exact", "Raw", "Datagram", "DEFAULT_MAX_LINE"]
+
+DEFAULT_MAX_LINE = 64 * 1024
+
+
+class ReceiveBuffer:
+    """Bytes received but not yet cut into frames.
+
+    ``data`` is a bytearray (deleting from its front is cheap in CPython); ``scan`` is how far a
+    framing has already searched without finding the end of a frame.
+    """
+
+    __slots__ = ("data", "scan")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.scan = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def take(self, n: int, skip: int = 0) -> bytes:
+        """Remove and return the first ``n`` bytes, then discard ``skip`` more (a delimiter)."""
+        data = self.data
+        frame = bytes(data[:n])
+        del data[: n + skip]
+        self.scan = 0
+        return frame
+
+    def skip(self, n: int) -> None:
+        """Discard the first ``n`` bytes."""
+        del self.data[:n]
+        self.scan = 0
+
+
+class Framing:
+    """Base class of frame cutters. Subclasses implement :meth:`cut`.
+
+    ``max_size`` is the largest frame the framing accepts; ``describe()`` is shown in diagrams.
+    """
+
+    max_size: int = DEFAULT_MAX_LINE
+
+    def cut(self, buffer: ReceiveBuffer, machine: Any) -> Any:
+        """Return the next complete frame, or ``None`` if more bytes are needed."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class Line(Framing):
+    """One line, without its delimiter. Longer than ``max_length`` → :class:`FrameTooLong`."""
+
+    __slots__ = ("delimiter", "max_length", "strip_cr")
+
+    def __init__(
+        self,
+        max_length: int = DEFAULT_MAX_LINE,
+        delimiter: bytes = b"\n",
+        *,
+        strip_cr: bool = False,
+    ) -> None:
+        if not delimiter:
+            raise ValueError("Line delimiter must not be empty")
+        if max_length < 1:
+            raise ValueError("Line max_length must be positive")
+        self.delimiter = delimiter
+        self.max_length = max_length
+        self.strip_cr = strip_cr
+
+    @property
+    def max_size(self) -> int:  # type: ignore[override]
+        return self.max_length
+
+    def cut(self, buffer: ReceiveBuffer, machine: Any) -> bytes | None:
+        data = buffer.data
+        delim = self.delimiter
+        i = data.find(delim, buffer.scan)
+        if i < 0:
+            n = len(data)
+            if n > self.max_length:
+                raise FrameTooLong("line", self.max_length, n)
+            buffer.scan = n - len(delim) + 1 if n >= len(delim) else 0
+            return None
+        end = i
+        if self.strip_cr and end and data[end - 1] == 13:
+            end -= 1
+        if end > self.max_length:
+            raise FrameTooLong("line", self.max_length, end)
+        frame = bytes(data[:end])
+        del data[: i + len(delim)]
+        buffer.scan = 0
+        return frame
+
+    def describe(self) -> str:
+        return f"line ≤ {self.max_length} B"
+
+
+class Exact(Framing):
+    """Exactly ``n`` bytes. ``n`` is an int, or the name of a machine attribute that the
+    previous handler set (e.g. a length prefix). ``n`` above ``max_size`` → FrameTooLong."""
+
+    __slots__ = ("n", "max_size")
+
+    def __init__(self, n: int | str, max_size: int = 1024 * 1024) -> None:
+        self.n = n
+        self.max_size = max_size
+
+    def cut(self, buffer: ReceiveBuffer, machine: Any) -> bytes | None:
+        n = self.n if isinstance(self.n, int) else getattr(machine, self.n)
+        if n > self.max_size:
+            raise FrameTooLong("frame", self.max_size, n)
+        if len(buffer.data) < n:
+            return None
+        return buffer.take(n)
+
+    def describe(self) -> str:
+        return f"exactly {self.n} B (≤ {self.max_size})"
+
+
+class Raw(Framing):
+    """Whatever bytes have arrived, at most ``max_size`` at a time."""
+
+    __slots__ = ("max_size",)
+
+    def __init__(self, max_size: int = 256 * 1024) -> None:
+        self.max_size = max_size
+
+    def cut(self, buffer: ReceiveBuffer, machine: Any) -> bytes | None:
+        data = buffer.data
+        if not data:
+            return None
+        if len(data) <= self.max_size:
+            frame = bytes(data)
+            data.clear()
+            buffer.scan = 0
+            return frame
+        return buffer.take(self.max_size)
+
+    def describe(self) -> str:
+        return "raw bytes"
+
+
+class Datagram(Framing):
+    """One whole datagram. Larger than ``max_size`` → FrameTooLong (never truncated silently).
+
+    Used by datagram servers; on a stream it behaves like :class:`Raw`.
+    """
+
+    __slots__ = ("max_size",)
+
+    def __init__(self, max_size: int = 65507) -> None:
+        self.max_size = max_size
+
+    def cut(self, buffer: ReceiveBuffer, machine: Any) -> bytes | None:
+        data = buffer.data
+        if not data:
+            return None
+        if len(data) > self.max_size:
+            raise FrameTooLong("datagram", self.max_size, len(data))
+        frame = bytes(data)
+        data.clear()
+        buffer.scan = 0
+        return frame
+
+    def describe(self) -> str:
+        return f"datagram ≤ {self.max_size} B"
