@@ -21,3 +21,11 @@ from .limits import Limits
 from .machine import Machine, MachineDefinitionError, Spec, State
 
 __version__ = "0.1.0"
+from .loop import Loop
+from .servers import (
+    MultiplexingMixIn,
+    MultiplexingTCPServer,
+    MultiplexingUDPServer,
+    MultiplexingUnixDatagramServer,
+    MultiplexingUnixStreamServer,
+)

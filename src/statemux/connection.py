@@ -149,6 +149,10 @@ class Connection:
     def _release(self) -> None:
         pass
 
+    def idle_limit(self) -> float | None:
+        """Seconds without traffic before closing (reason IDLE); drivers may override."""
+        return self.host.limits.idle_timeout
+
     # -- what drivers call ---------------------------------------------------------------------
     @property
     def wants_input(self) -> bool:
@@ -165,7 +169,7 @@ class Connection:
         st = self.state
         if st.timeout is not None:
             self.state_timer = self.host.call_later(st.timeout, self._state_timed_out, st)
-        idle = self.host.limits.idle_timeout
+        idle = self.idle_limit()
         if idle is not None:
             self.idle_timer = self.host.call_later(idle, self._idle_check)
         if Opened in st.handlers:
@@ -490,7 +494,7 @@ class Connection:
         self.idle_timer = None
         if self.closing is not None:
             return
-        idle = self.host.limits.idle_timeout
+        idle = self.idle_limit()
         if idle is None:
             return
         quiet = self.host.time() - self.last_active

@@ -20,8 +20,10 @@ tests that feed parsers every way the network may cut their input.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,7 +35,15 @@ from .limits import Limits
 from .machine import Machine
 from .timers import TimerQueue
 
-__all__ = ["FakeClock", "Simulator", "SimConnection", "chunkings", "random_chunkings", "transcript"]
+__all__ = [
+    "FakeClock",
+    "Simulator",
+    "SimConnection",
+    "chunkings",
+    "random_chunkings",
+    "transcript",
+    "serving",
+]
 
 
 class FakeClock:
@@ -255,3 +265,22 @@ def transcript(factory: Callable[[], Machine], chunks: list[bytes], *, eof: bool
         conn.send_eof()
         out += conn.received()
     return bytes(out), conn
+
+
+@contextlib.contextmanager
+def serving(server: Any, poll_interval: float = 0.5, timeout: float = 10.0) -> Iterator[Any]:
+    """Run ``server.serve_forever`` in a thread; yield its address; shut down and close after.
+
+    Waits (bounded by ``timeout``) until the loop is running before yielding.
+    """
+    thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True)
+    try:
+        loop = server._ensure_loop() if hasattr(server, "_ensure_loop") else None
+        thread.start()
+        if loop is not None and not loop.started.wait(timeout):
+            raise RuntimeError("the server's loop did not start")
+        yield server.server_address
+    finally:
+        server.shutdown()
+        thread.join(timeout)
+        server.server_close()

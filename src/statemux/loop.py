@@ -1,0 +1,211 @@
+"""The selectors loop: one thread, a table of connections, one timer heap.
+
+:class:`Loop` knows selectors, timers and callbacks, not protocols. Servers register their
+sockets with a callback as the selector key's data; each pass the loop waits for readiness
+(at most until the nearest timer, at most ``poll_interval``, not at all when callbacks are
+queued), calls the callbacks of ready sockets, fires due timers, then runs queued callbacks
+(messages, resumed frames, deferred teardown).
+
+One loop can host several servers (a TCP and a Unix listener in one thread)::
+
+    loop = Loop()
+    loop.add(tcp_server)
+    loop.add(unix_server)
+    threading.Thread(target=loop.run).start()
+    ...
+    loop.shutdown()          # from another thread: stops and drains every server
+
+``shutdown()`` wakes the loop at once through a socketpair; nothing polls.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .timers import Timer, TimerQueue
+
+if TYPE_CHECKING:
+    from .multiplex import MultiplexingMixIn
+
+__all__ = ["Loop"]
+
+
+class Loop:
+    """A selectors loop hosting one or more multiplexing servers.
+
+    Callers may use :meth:`add`, :meth:`run`, :meth:`run_once`, :meth:`shutdown` (from any
+    thread), :meth:`call_later`, :meth:`call_soon` (loop thread) and
+    :meth:`call_soon_threadsafe` (any thread).
+    """
+
+    def __init__(self, selector: selectors.BaseSelector | None = None) -> None:
+        self.selector = selector if selector is not None else selectors.DefaultSelector()
+        self.timers = TimerQueue()
+        self.ready: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._threadsafe: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self.servers: list[MultiplexingMixIn] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self._stop = False
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._state_lock = threading.Lock()
+        self._exited = threading.Event()
+        self._exited.set()
+        self.started = threading.Event()
+        self.closed = False
+        self.time = time.monotonic
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Timer:
+        """Run ``callback(*args)`` after ``delay`` seconds (loop thread only)."""
+        return self.timers.add(time.monotonic() + delay, callback, *args)
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback(*args)`` at the end of this pass (loop thread only)."""
+        self.ready.append((callback, args))
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback(*args)`` in the loop thread soon; wakes the loop."""
+        self._threadsafe.append((callback, args))
+        self.wake()
+
+    def wake(self) -> None:
+        """Make a sleeping ``select`` return now (any thread)."""
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full (a wake-up is already pending) or closed
+            pass
+
+    def _on_wake(self, mask: int) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    # -- servers ------------------------------------------------------------------------------
+    def add(self, server: MultiplexingMixIn) -> None:
+        """Host ``server`` on this loop (before or while it runs, from the loop thread)."""
+        if server in self.servers:
+            return
+        server._attach(self)
+        self.servers.append(server)
+
+    def remove(self, server: MultiplexingMixIn) -> None:
+        if server in self.servers:
+            self.servers.remove(server)
+            server._detach()
+
+    # -- running ------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def run_once(self, timeout: float | None = None) -> int:
+        """One pass: wait up to ``timeout`` for readiness or the nearest timer, handle every
+        ready socket and due timer, run queued callbacks. Returns how many sockets became
+        ready plus how many timers fired (0: nothing happened)."""
+        if self.ready or self._threadsafe:
+            timeout = 0
+        else:
+            deadline = self.timers.next_deadline()
+            if deadline is not None:
+                wait = deadline - time.monotonic()
+                wait = wait if wait > 0 else 0
+                timeout = wait if timeout is None or wait < timeout else timeout
+        events = self.selector.select(timeout)
+        activity = 0
+        for key, mask in events:
+            callback = key.data
+            if callback is not self._on_wake:
+                activity += 1
+            callback(mask)
+        if self.timers._heap:
+            activity += self.timers.run_due(time.monotonic())
+        threadsafe = self._threadsafe
+        while threadsafe:
+            callback, args = threadsafe.popleft()
+            callback(*args)
+        ready = self.ready
+        for _ in range(len(ready)):
+            callback, args = ready.popleft()
+            callback(*args)
+        return activity
+
+    def run(self, poll_interval: float | None = 0.5) -> None:
+        """Serve until :meth:`shutdown`; then drain every server's connections (bounded by
+        their ``drain_timeout``). ``service_actions()`` of each server runs every pass, at
+        least every ``poll_interval`` seconds."""
+        with self._state_lock:
+            if self._running:
+                raise RuntimeError("this loop is already running")
+            if self.closed:
+                raise RuntimeError("this loop is closed")
+            self._running = True
+            self._thread = threading.current_thread()
+            self._exited.clear()
+        self.started.set()
+        try:
+            while not self._stop:
+                self.run_once(poll_interval)
+                for server in self.servers:
+                    server.service_actions()
+            self._drain()
+        finally:
+            with self._state_lock:
+                self._stop = False
+                self._running = False
+                self._thread = None
+                self.started.clear()
+                self._exited.set()
+
+    def shutdown(self) -> None:
+        """Stop :meth:`run` and wait until it has returned (any thread).
+
+        Returns at once when the loop is not running. Called from the loop's own thread
+        (e.g. from a handler) it only asks the loop to stop, without waiting.
+        """
+        with self._state_lock:
+            self._stop = True
+            running = self._running
+            thread = self._thread
+        if not running:
+            return
+        self.wake()
+        if thread is not threading.current_thread():
+            self._exited.wait()
+
+    def _drain(self) -> None:
+        """Stop accepting; let connections flush, bounded by the servers' drain_timeout."""
+        if not self.servers:
+            return
+        deadline = time.monotonic() + max(s.limits.drain_timeout for s in self.servers)
+        for server in self.servers:
+            server._begin_drain()
+        while any(server._table for server in self.servers):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self.run_once(remaining)
+        for server in self.servers:
+            server._end_drain()
+
+    def close(self) -> None:
+        """Release the selector and wake-up sockets (after ``run`` returned)."""
+        if self.closed:
+            return
+        self.closed = True
+        for server in list(self.servers):
+            self.remove(server)
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()

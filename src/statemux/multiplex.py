@@ -1,0 +1,572 @@
+"""The multiplexing model: ``MultiplexingMixIn`` and the connections it keeps in its table.
+
+``MultiplexingMixIn`` is the sibling of the stdlib's ``ThreadingMixIn`` and ``ForkingMixIn``:
+mixed into ``TCPServer``/``UnixStreamServer`` (or ``UDPServer``/``UnixDatagramServer``) it
+serves every connection from one :class:`~statemux.loop.Loop` thread, each connection being a
+machine in the server's table ``{fd: connection}``.
+
+Output: a send tries the socket first and buffers only what the kernel did not take; write
+interest is registered only while bytes remain. Above ``output_high_water`` buffered bytes the
+connection is not read until it falls to ``output_low_water``; beyond ``output_limit`` it is
+closed as a slow consumer. A graceful close delivers every byte, shuts down the sending side,
+and reads and discards the peer's input for up to ``linger_timeout`` so the peer sees the last
+reply rather than a reset.
+"""
+
+from __future__ import annotations
+
+import errno
+import selectors
+import socket
+import socketserver
+from typing import Any
+
+from .connection import Connection, Tracer
+from .events import CloseReason
+from .host import ConnectionInfo, MachineHostMixIn, is_handler_class, log
+from .hub import Hub
+from .loop import Loop
+from .machine import Machine
+
+__all__ = ["MultiplexingMixIn", "StreamConnection", "DatagramSession"]
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+_ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_BLOCKING_MODELS = (
+    "TCPServer, UDPServer, UnixStreamServer, UnixDatagramServer and their Threading*/Forking* "
+    "variants"
+)
+
+
+class StreamConnection(Connection):
+    """A machine on a non-blocking stream socket, driven by the loop."""
+
+    __slots__ = ("server", "sock", "fd", "wbuf", "mask", "lingering", "linger_left", "linger_timer", "selector")
+
+    def __init__(self, server: MultiplexingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.wbuf = bytearray()
+        self.mask = 0
+        self.lingering = False
+        self.linger_left = 0
+        self.linger_timer: Any = None
+        assert server.loop is not None
+        self.selector = server.loop.selector
+        super().__init__(server, machine, cid, peer)
+
+    # -- readiness ----------------------------------------------------------------------------
+    def on_event(self, mask: int) -> None:
+        if mask & EVENT_READ:
+            try:
+                data = self.sock.recv(self.server.limits.read_size)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                self._lost()
+                return
+            if data is not None:
+                if self.lingering:
+                    self._linger_read(data)
+                    return
+                if data:
+                    self.receive(data)
+                else:
+                    self.receive_eof()
+        if mask & EVENT_WRITE and not self.closed and self.wbuf:
+            self._on_writable()
+
+    def _on_writable(self) -> None:
+        wbuf = self.wbuf
+        before = len(wbuf)
+        try:
+            n = self.sock.send(wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._lost()
+            return
+        del wbuf[:n]
+        after = before - n
+        if not after:
+            self._update_interest()
+            if self.closing is not None:
+                self._flushed()
+                return
+        low = self.server.limits.output_low_water
+        if before > low >= after:
+            self.writable_again()
+
+    # -- transport hooks ------------------------------------------------------------------------
+    def _transmit(self, data: bytes) -> None:
+        wbuf = self.wbuf
+        if not wbuf:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self._lost()
+                return
+            if n == len(data):
+                return
+            wbuf += memoryview(data)[n:]
+            self._update_interest()
+        else:
+            wbuf += data
+        size = len(wbuf)
+        limits = self.server.limits
+        if size > limits.output_high_water:
+            if size > limits.output_limit:
+                self.close(CloseReason.SLOW_CONSUMER, abort=True)
+            elif self.closing is None:
+                self.pause()
+
+    def _buffered(self) -> int:
+        return len(self.wbuf)
+
+    def _interest_changed(self) -> None:
+        self._update_interest()
+
+    def _update_interest(self) -> None:
+        if self.closed:
+            return
+        want = 0
+        if self.lingering or self.wants_input:
+            want = EVENT_READ
+        if self.wbuf:
+            want |= EVENT_WRITE
+        if want == self.mask:
+            return
+        if not want:
+            self.selector.unregister(self.fd)
+        elif not self.mask:
+            self.selector.register(self.fd, want, self.on_event)
+        else:
+            self.selector.modify(self.fd, want, self.on_event)
+        self.mask = want
+
+    def _closing(self, abort: bool) -> None:
+        if abort:
+            self.wbuf.clear()
+            self.server.loop.call_soon(self.finish)
+        elif not self.wbuf:
+            self._flushed()
+        self._update_interest()
+
+    def _flushed(self) -> None:
+        """Every byte was handed to the kernel: finish, or linger for the peer's EOF."""
+        if self.eof or self.server._draining or self.closing is CloseReason.PEER_CLOSED:
+            self.server.loop.call_soon(self.finish)
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.server.loop.call_soon(self.finish)
+            return
+        self.lingering = True
+        self.linger_left = self.server.limits.linger_bytes
+        self.linger_timer = self.server.loop.call_later(self.server.limits.linger_timeout, self.finish)
+        self._update_interest()
+
+    def _linger_read(self, data: bytes) -> None:
+        self.linger_left -= len(data)
+        if not data or self.linger_left <= 0:
+            self.finish()
+
+    def _lost(self) -> None:
+        """Reset or broken pipe: a normal close, not a traceback."""
+        self.eof = True
+        if self.closing is None:
+            self.closing = CloseReason.PEER_CLOSED
+        self.wbuf.clear()
+        self.server.loop.call_soon(self.finish)
+        self._update_interest()
+
+    def _release(self) -> None:
+        if self.linger_timer is not None:
+            self.linger_timer.cancel()
+            self.linger_timer = None
+        if self.mask:
+            try:
+                self.selector.unregister(self.fd)
+            except (KeyError, ValueError):
+                pass
+            self.mask = 0
+        self.server._forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class DatagramSession(Connection):
+    """A machine per peer address on a datagram socket."""
+
+    __slots__ = ("server", "sock")
+
+    def __init__(self, server: MultiplexingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int) -> None:
+        self.server = server
+        self.sock = sock
+        super().__init__(server, machine, cid, peer)
+
+    def _transmit(self, data: bytes) -> None:
+        self.server._send_datagram(data, self.peer)
+
+    def idle_limit(self) -> float | None:
+        return self.server.limits.session_timeout
+
+    def _closing(self, abort: bool) -> None:
+        self.server.loop.call_soon(self.finish)
+
+    def _release(self) -> None:
+        self.server._forget(self)
+
+
+class MultiplexingMixIn(MachineHostMixIn):
+    """Serve every connection from one selectors loop (mix in before a stdlib server class).
+
+    Constructor: ``(server_address, factory, bind_and_activate=True, *, loop=None,
+    tracer=None, hub=None, **limits)``. ``factory`` is any zero-argument callable returning a
+    :class:`~statemux.machine.Machine` (a machine class, or ``functools.partial`` of one); it
+    is kept as ``RequestHandlerClass``, as ``socketserver`` keeps a handler class.
+
+    Callers may use the whole ``BaseServer`` interface. Subclasses may override, as in
+    ``socketserver``: ``verify_request``, ``process_request``, ``finish_request``,
+    ``handle_error``, ``handle_timeout``, ``service_actions``, ``server_bind``,
+    ``server_activate``.
+    """
+
+    allow_reuse_address = True
+    request_queue_size = socket.SOMAXCONN
+    #: how many datagrams are read per readiness event of a datagram socket
+    datagrams_per_event = 64
+
+    def __init__(
+        self,
+        server_address: Any,
+        RequestHandlerClass: Any,
+        bind_and_activate: bool = True,
+        *,
+        loop: Loop | None = None,
+        tracer: Tracer | None = None,
+        hub: Hub | None = None,
+        **limits: Any,
+    ) -> None:
+        if is_handler_class(RequestHandlerClass):
+            raise TypeError(
+                f"{type(self).__name__} runs statemux machines, and {RequestHandlerClass.__qualname__} "
+                f"is a blocking socketserver handler; serve it with {_BLOCKING_MODELS}"
+            )
+        if not callable(RequestHandlerClass):
+            raise TypeError(f"the machine factory must be callable, not {RequestHandlerClass!r}")
+        self._init_host(RequestHandlerClass, tracer, hub, limits)
+        self.loop: Loop | None = None
+        self._owns_loop = False
+        self._table: dict[Any, Connection] = {}
+        self._draining = False
+        self._accepting = False
+        self._accept_paused = False
+        self._accept_timer: Any = None
+        self._dgram_queue: list[tuple[bytes, Any]] = []
+        self.datagrams_dropped = 0
+        self.replies_unroutable = 0
+        super().__init__(server_address, RequestHandlerClass, bind_and_activate)  # type: ignore[call-arg]
+        if loop is not None:
+            loop.add(self)
+
+    # -- stream or datagram ---------------------------------------------------------------------
+    @property
+    def is_datagram(self) -> bool:
+        return self.socket_type == socket.SOCK_DGRAM  # type: ignore[attr-defined]
+
+    def server_activate(self) -> None:
+        """Listen with ``request_queue_size`` (``SOMAXCONN``) on a stream socket; the
+        socket is non-blocking either way."""
+        if not self.is_datagram:
+            super().server_activate()  # type: ignore[misc]
+        self.socket.setblocking(False)  # type: ignore[attr-defined]
+
+    # -- attachment to a loop ---------------------------------------------------------------------
+    def _attach(self, loop: Loop) -> None:
+        if self.loop is not None and self.loop is not loop:
+            raise RuntimeError(f"{self!r} is already hosted by another loop")
+        self.loop = loop
+        self.call_later = loop.call_later
+        self.call_soon = loop.call_soon
+        self._draining = False
+        self._start_accepting()
+
+    def _detach(self) -> None:
+        self._stop_accepting()
+        if self._accept_timer is not None:
+            self._accept_timer.cancel()
+            self._accept_timer = None
+
+    def _ensure_loop(self) -> Loop:
+        if self.loop is None:
+            loop = Loop()
+            self._owns_loop = True
+            loop.add(self)
+        assert self.loop is not None
+        if not self._accepting and not self._accept_paused and not self._draining:
+            self._start_accepting()
+        return self.loop
+
+    def _start_accepting(self) -> None:
+        if self._accepting or self.loop is None:
+            return
+        callback = self._on_datagrams if self.is_datagram else self._on_accept
+        self.loop.selector.register(self.socket.fileno(), EVENT_READ, callback)  # type: ignore[attr-defined]
+        self._accepting = True
+
+    def _stop_accepting(self) -> None:
+        if self._accepting and self.loop is not None:
+            try:
+                self.loop.selector.unregister(self.socket.fileno())  # type: ignore[attr-defined]
+            except (KeyError, ValueError):
+                pass
+        self._accepting = False
+
+    # -- BaseServer interface ------------------------------------------------------------------------
+    def serve_forever(self, poll_interval: float | None = 0.5) -> None:
+        """Serve until :meth:`shutdown`; ``service_actions()`` runs at least every
+        ``poll_interval`` seconds, and timers wake the loop earlier when due."""
+        self._ensure_loop().run(poll_interval)
+
+    def shutdown(self) -> None:
+        """Stop the loop serving this server and wait until it has exited (it first drains
+        connections for up to ``drain_timeout``). Returns at once when no loop is running.
+        A loop hosting several servers stops them all."""
+        if self.loop is not None:
+            self.loop.shutdown()
+
+    def handle_request(self) -> None:
+        """One loop pass: wait up to ``timeout`` for readiness, handle every ready socket and
+        due timer; call ``handle_timeout()`` if nothing became ready."""
+        timeout = self.timeout  # type: ignore[attr-defined]
+        if not self._ensure_loop().run_once(timeout):
+            self.handle_timeout()  # type: ignore[attr-defined]
+
+    def server_close(self) -> None:
+        """Close every connection at once (reason SHUTDOWN), stop listening, close the socket."""
+        for conn in list(self._table.values()):
+            conn.close(CloseReason.SHUTDOWN, abort=True)
+            conn.finish()
+        self._table.clear()
+        loop = self.loop
+        if loop is not None:
+            loop.remove(self)
+            self.loop = None
+            if self._owns_loop and not loop.running:
+                loop.close()
+        super().server_close()  # type: ignore[misc]
+
+    def fileno(self) -> int:
+        return self.socket.fileno()  # type: ignore[attr-defined,no-any-return]
+
+    def service_actions(self) -> None:
+        """Called by the loop every pass; override to do periodic work."""
+
+    # -- accepting --------------------------------------------------------------------------------
+    def _on_accept(self, mask: int) -> None:
+        for _ in range(self.limits.accepts_per_event):
+            try:
+                request, client_address = self.get_request()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_EXHAUSTED:
+                    self._pause_accepting(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                log.error("accept failed on %s: %s", self.server_address, exc)  # type: ignore[attr-defined]
+                return
+            if self.verify_request(request, client_address):  # type: ignore[attr-defined]
+                try:
+                    self.process_request(request, client_address)
+                except (KeyboardInterrupt, SystemExit):
+                    self.shutdown_request(request)  # type: ignore[attr-defined]
+                    raise
+                except Exception:
+                    self.handle_error(request, client_address)
+                    self.shutdown_request(request)  # type: ignore[attr-defined]
+            else:
+                self.stats.close_reasons[CloseReason.REFUSED] += 1
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of descriptors: stop watching the listener (so the loop doesn't spin on a
+        socket it cannot accept from) until a connection closes or the retry delay passes."""
+        if self._accept_paused:
+            return
+        log.warning(
+            "accept failed on %s: %s; pausing accepts for up to %gs",
+            self.server_address,  # type: ignore[attr-defined]
+            exc.strerror,
+            self.limits.accept_retry_delay,
+        )
+        self._accept_paused = True
+        self._stop_accepting()
+        assert self.loop is not None
+        self._accept_timer = self.loop.call_later(self.limits.accept_retry_delay, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._accept_timer is not None:
+            self._accept_timer.cancel()
+            self._accept_timer = None
+        if self._accept_paused:
+            self._accept_paused = False
+            if not self._draining:
+                self._start_accepting()
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Add the accepted socket to the table as a new connection (non-blocking)."""
+        self.finish_request(request, client_address)
+
+    def finish_request(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
+        """Create the machine and its connection; refuse past ``max_connections``."""
+        if len(self._table) >= self.limits.max_connections:
+            self._refuse(request)
+            return
+        request.setblocking(False)
+        if request.family in (socket.AF_INET, socket.AF_INET6):
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        machine = self.make_machine()
+        conn = StreamConnection(self, request, client_address, machine, self._new_cid())
+        self._table[conn.fd] = conn
+        conn._update_interest()
+        conn.start()
+
+    def _refuse(self, request: socket.socket) -> None:
+        self.stats.close_reasons[CloseReason.REFUSED] += 1
+        refusal = getattr(self.machine_class, "refusal", None)
+        if refusal:
+            try:
+                request.setblocking(False)
+                request.send(refusal)
+            except OSError:
+                pass
+        self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def _forget(self, conn: Connection) -> None:
+        key = conn.fd if isinstance(conn, StreamConnection) else conn.peer
+        if self._table.get(key) is conn:
+            del self._table[key]
+        if self._accept_paused:
+            self._resume_accepting()
+
+    # -- datagrams ----------------------------------------------------------------------------------
+    def _on_datagrams(self, mask: int) -> None:
+        if mask & EVENT_WRITE:
+            self._flush_datagrams()
+        if not mask & EVENT_READ:
+            return
+        sock = self.socket  # type: ignore[attr-defined]
+        bufsize = self._datagram_bufsize()
+        for _ in range(self.datagrams_per_event):
+            try:
+                data, _anc, flags, address = sock.recvmsg(bufsize)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ICMP port unreachable reported on UDP
+                log.debug("recvmsg on %s: %s", self.server_address, exc)  # type: ignore[attr-defined]
+                continue
+            if flags & socket.MSG_TRUNC and len(data) < bufsize:
+                data += b"\0"  # make the oversize visible: never silently truncated
+            if not self.verify_request((data, sock), address):  # type: ignore[attr-defined]
+                self.stats.close_reasons[CloseReason.REFUSED] += 1
+                continue
+            try:
+                self._datagram(data, address)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception:
+                self.handle_error((data, sock), address)
+
+    def _datagram_bufsize(self) -> int:
+        cls = self.machine_class
+        if cls is None:
+            return 65536
+        sizes = [st.framing.max_size for st in cls.spec.states.values() if st.framing is not None]
+        return (max(sizes) if sizes else 65535) + 1
+
+    def _datagram(self, data: bytes, address: Any) -> None:
+        if not address:  # an unbound Unix datagram peer: no session, no reply possible
+            machine = self.make_machine()
+            conn = DatagramSession(self, self.socket, None, machine, self._new_cid())  # type: ignore[attr-defined]
+            conn.start()
+            conn.receive_datagram(data)
+            if conn.closing is None:
+                conn.close(CloseReason.NORMAL)
+            return
+        conn = self._table.get(address)
+        if conn is None:
+            if len(self._table) >= self.limits.max_connections:
+                self.stats.close_reasons[CloseReason.REFUSED] += 1
+                return
+            machine = self.make_machine()
+            conn = DatagramSession(self, self.socket, address, machine, self._new_cid())  # type: ignore[attr-defined]
+            self._table[address] = conn
+            conn.start()
+        conn.receive_datagram(data)
+
+    def _send_datagram(self, data: bytes, address: Any) -> None:
+        if not address:
+            self.replies_unroutable += 1
+            log.warning("reply of %d bytes dropped: the peer sent from an unbound socket", len(data))
+            return
+        if self._dgram_queue:
+            self._queue_datagram(data, address)
+            return
+        try:
+            self.socket.sendto(data, address)  # type: ignore[attr-defined]
+        except (BlockingIOError, InterruptedError):
+            self._queue_datagram(data, address)
+        except OSError as exc:
+            self.datagrams_dropped += 1
+            log.warning("reply to %s dropped: %s", address, exc)
+
+    def _queue_datagram(self, data: bytes, address: Any) -> None:
+        if len(self._dgram_queue) >= self.limits.datagram_queue:
+            self.datagrams_dropped += 1
+            return
+        self._dgram_queue.append((data, address))
+        if len(self._dgram_queue) == 1 and self.loop is not None and self._accepting:
+            self.loop.selector.modify(self.socket.fileno(), EVENT_READ | EVENT_WRITE, self._on_datagrams)  # type: ignore[attr-defined]
+
+    def _flush_datagrams(self) -> None:
+        queue = self._dgram_queue
+        sent = 0
+        for data, address in queue:
+            try:
+                self.socket.sendto(data, address)  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.datagrams_dropped += 1
+            sent += 1
+        del queue[:sent]
+        if not queue and self.loop is not None and self._accepting:
+            self.loop.selector.modify(self.socket.fileno(), EVENT_READ, self._on_datagrams)  # type: ignore[attr-defined]
+
+    # -- drain and introspection ----------------------------------------------------------------------
+    def _begin_drain(self) -> None:
+        self._draining = True
+        self._stop_accepting()
+        for conn in list(self._table.values()):
+            if conn.closing is None:
+                conn.close(CloseReason.SHUTDOWN)
+            elif getattr(conn, "lingering", False):
+                conn.finish()  # its reply is delivered; don't hold shutdown for the peer's EOF
+
+    def _end_drain(self) -> None:
+        self._draining = False
+
+    @property
+    def connections(self) -> list[ConnectionInfo]:
+        """A snapshot of the table: peer, state, age, bytes in/out, bytes buffered."""
+        return self._snapshot(self._table.values())
