@@ -38,7 +38,17 @@ from .events import (
 from .framing import ReceiveBuffer
 from .hub import Hub
 from .limits import Limits
-from .machine import CLOSED, IMPLICIT_REASONS, CompiledState, Edge, HandlerError, Machine, Spec, attach
+from .machine import (
+    CLOSED,
+    IMPLICIT_REASONS,
+    CompiledHandler,
+    CompiledState,
+    Edge,
+    HandlerError,
+    Machine,
+    Spec,
+    attach,
+)
 
 __all__ = ["Connection", "Stats", "Host", "Tracer"]
 
@@ -281,10 +291,13 @@ class Connection:
         budget = self.host.limits.frames_per_event
         rbuf = self.rbuf
         machine = self.machine
+        out = self.out
+        counts = self.counts
         while True:
             if self.closing is not None or self.paused:
                 break
-            framing = self.state.framing
+            st = self.state
+            framing = st.framing
             if framing is None:
                 break
             if not budget:
@@ -308,7 +321,25 @@ class Connection:
                     if self.closing is None:
                         self.close(CloseReason.PEER_CLOSED)
                 break
-            self._dispatch(Frame, frame)
+            # Inlined _dispatch(Frame, frame): this is the per-frame hot path.
+            handler = st.frame_handler
+            assert handler is not None
+            mark = len(out)
+            try:
+                ret = handler.func(machine, frame)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                self._failed(st, Frame, mark, exc)
+                budget -= 1
+                continue
+            entry = handler.default if ret is None else None
+            if entry is not None and entry[0] is st and self.tracer is None:
+                counts[entry[1]] += 1  # a self-transition: nothing else to do
+                if self.effects:
+                    self._apply_effects()
+            else:
+                self._transition(st, handler, ret, mark)
             budget -= 1
         if self.eof and self.closing is None and self.state.framing is None:
             self._dispatch(PeerClosed, PeerClosed(bytes(rbuf.data)))
@@ -324,40 +355,28 @@ class Connection:
             if idx is not None:
                 self._take_implicit(st, idx, IMPLICIT_REASONS[etype])
             return
-        out = self.out
-        mark = len(out)
+        mark = len(self.out)
         try:
             ret = handler.func(self.machine, event)
-            entry = handler.default if ret is None else handler.targets.get(ret)
-            if entry is None:
-                names = ", ".join(sorted({cs.name for cs, _ in handler.targets.values()}))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            self._failed(st, etype, mark, exc)
+            return
+        self._transition(st, handler, ret, mark)
+
+    def _transition(self, st: CompiledState, handler: CompiledHandler, ret: Any, mark: int) -> None:
+        """Check the handler's answer against its declared targets, count, trace, enter."""
+        entry = handler.default if ret is None else handler.targets.get(ret)
+        if entry is None:
+            names = ", ".join(sorted({cs.name for cs, _ in handler.targets.values()}))
+            try:
                 raise UndeclaredTransition(
                     f"{self.spec.name}.{handler.name} returned {ret!r} in state '{st.name}'; "
                     f"declared targets: {names}"
                 )
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except ProtocolError as exc:
-            del out[mark:]
-            self.effects.clear()
-            if etype is not ProtocolError and ProtocolError in st.handlers:
-                self._dispatch(ProtocolError, exc)
-            else:
-                idx = st.implicit.get(ProtocolError)
-                if idx is not None:
-                    self._take_implicit(st, idx, CloseReason.PROTOCOL_ERROR)
-                else:
-                    self.close(CloseReason.PROTOCOL_ERROR)
-            return
-        except Exception:
-            del out[mark:]
-            self.effects.clear()
-            self.host.report_error(self)
-            idx = st.implicit.get(HandlerError)
-            if idx is not None:
-                self._take_implicit(st, idx, CloseReason.HANDLER_ERROR)
-            else:
-                self.close(CloseReason.HANDLER_ERROR)
+            except UndeclaredTransition as exc:
+                self._failed(st, handler.event, mark, exc)
             return
         new, idx = entry
         self.counts[idx] += 1
@@ -367,6 +386,27 @@ class Connection:
             self._enter(new)
         if self.effects:
             self._apply_effects()
+
+    def _failed(self, st: CompiledState, etype: type, mark: int, exc: Exception) -> None:
+        """The error funnel. Called inside ``except``: the handler's effects are dropped,
+        earlier output stays; a ProtocolError goes to the state's handler if it has one,
+        anything else is reported to ``handle_error``; then only this connection closes."""
+        del self.out[mark:]
+        self.effects.clear()
+        if isinstance(exc, ProtocolError):
+            if etype is not ProtocolError and ProtocolError in st.handlers:
+                self._dispatch(ProtocolError, exc)
+                return
+            idx = st.implicit.get(ProtocolError)
+            reason = CloseReason.PROTOCOL_ERROR
+        else:
+            self.host.report_error(self)
+            idx = st.implicit.get(HandlerError)
+            reason = CloseReason.HANDLER_ERROR
+        if idx is not None:
+            self._take_implicit(st, idx, reason)
+        else:
+            self.close(reason)
 
     def _take_implicit(self, st: CompiledState, idx: int, reason: CloseReason) -> None:
         self.counts[idx] += 1

@@ -173,7 +173,10 @@ class CompiledHandler:
 class CompiledState:
     """One state of a spec, with its handlers keyed by event type."""
 
-    __slots__ = ("name", "framing", "timeout", "initial", "final", "doc", "handlers", "implicit")
+    __slots__ = (
+        "name", "framing", "timeout", "initial", "final", "doc", "handlers", "implicit",
+        "frame_handler",
+    )  # fmt: skip
 
     def __init__(self, decl: State) -> None:
         self.name = decl.name
@@ -185,6 +188,8 @@ class CompiledState:
         self.handlers: dict[type, CompiledHandler] = {}
         #: event type -> edge index of the implicit edge to ``closed``
         self.implicit: dict[type, int] = {}
+        #: ``handlers[Frame]``, kept apart for the runner's per-frame fast path
+        self.frame_handler: CompiledHandler | None = None
 
     def __repr__(self) -> str:
         return f"<CompiledState {self.name}>"
@@ -295,6 +300,8 @@ def build_spec(cls: type) -> Spec | None:
             if len(hd.targets) == 1:
                 ch.default = next(iter(ch.targets.values()))
             cs.handlers[hd.event] = ch
+            if hd.event is Frame:
+                cs.frame_handler = ch
         if decl.framing is not None and Frame not in cs.handlers:
             fail(f"state '{name}' reads {decl.framing.describe()} but has no Frame handler")
         if decl.framing is None and Frame in cs.handlers:
