@@ -120,7 +120,9 @@ class DatagramEcho(Machine):
         self.send(b"ERR %s\n" % str(exc).encode())
 
 
-def build(datagram: bool = False, *, max_line: int | None = None, **options: Any) -> Callable[[], Machine]:
+def build(
+    datagram: bool = False, *, max_line: int | None = None, **options: Any
+) -> Callable[[], Machine]:
     """Return the factory a server takes: :class:`DatagramEcho` for datagram sockets, else
     :class:`Echo` with ``max_line`` (default :data:`MAX_LINE`). Called by ``statemux serve``."""
     if datagram:

@@ -101,11 +101,15 @@ class Stats:
         return [e for e, n in zip(spec.edges, counts) if not n and not (explicit_only and e.implicit)]
 
 
-class Connection:
-    """Drives one machine. Drivers subclass it; see the module docstring."""
+class Connection(ReceiveBuffer):
+    """Drives one machine. Drivers subclass it; see the module docstring.
+
+    A connection is its own :class:`ReceiveBuffer` (``conn.rbuf is conn``): one object fewer
+    per connection, which matters with tens of thousands of idle ones.
+    """
 
     __slots__ = (
-        "host", "machine", "spec", "state", "cid", "peer", "rbuf", "out", "effects", "counts",
+        "host", "machine", "spec", "state", "cid", "peer", "out", "effects", "counts",
         "tracer", "closing", "closed", "eof", "paused", "state_timer", "timers", "inbox",
         "inbox_scheduled", "resume_scheduled", "drain_scheduled", "topics", "opened_at",
         "last_active", "idle_timer", "bytes_in", "bytes_out", "__weakref__",
@@ -121,9 +125,10 @@ class Connection:
         self.state: CompiledState = spec.initial
         self.cid = cid
         self.peer = peer
-        self.rbuf = ReceiveBuffer()
+        self.data = bytearray()
+        self.scan = 0
         self.out: list[bytes] = []
-        self.effects: list[tuple[str, Any]] = []
+        self.effects: list[tuple[str, Any]] | None = None  # created on first use
         self.counts = host.stats.edge_counts(spec)
         self.tracer = host.tracer
         self.closing: CloseReason | None = None
@@ -137,11 +142,16 @@ class Connection:
         self.resume_scheduled = False
         self.drain_scheduled = False
         self.topics: set[str] | None = None
-        self.opened_at = self.last_active = host.time()
+        self.opened_at = self.last_active = host.time()  # one float object for both
         self.idle_timer: TimerHandle | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         attach(machine, self)
+
+    @property
+    def rbuf(self) -> ReceiveBuffer:
+        """Bytes received but not yet cut into frames (the connection itself)."""
+        return self
 
     # -- transport hooks (drivers override) -----------------------------------------------------
     def _transmit(self, data: bytes) -> None:
@@ -160,7 +170,10 @@ class Connection:
         pass
 
     def idle_limit(self) -> float | None:
-        """Seconds without traffic before closing (reason IDLE); drivers may override."""
+        """Seconds without traffic before closing (reason IDLE); drivers may override.
+
+        Hosts whose ``sweeps_idle`` is true check idleness themselves (the multiplexing
+        server sweeps its table, saving a timer per connection); others get a timer here."""
         return self.host.limits.idle_timeout
 
     # -- what drivers call ---------------------------------------------------------------------
@@ -180,7 +193,7 @@ class Connection:
         if st.timeout is not None:
             self.state_timer = self.host.call_later(st.timeout, self._state_timed_out, st)
         idle = self.idle_limit()
-        if idle is not None:
+        if idle is not None and not getattr(self.host, "sweeps_idle", False):
             self.idle_timer = self.host.call_later(idle, self._idle_check)
         if Opened in st.handlers:
             self._dispatch(Opened, OPENED)
@@ -289,7 +302,7 @@ class Connection:
     def _process(self) -> None:
         """Cut and handle every buffered frame (within the per-event budget)."""
         budget = self.host.limits.frames_per_event
-        rbuf = self.rbuf
+        rbuf = self
         machine = self.machine
         out = self.out
         counts = self.counts
@@ -308,9 +321,12 @@ class Connection:
                 frame = framing.cut(rbuf, machine)
             except FrameTooLong as exc:
                 self._dispatch(FrameTooLong, exc)
-                if self.closing is None:
-                    rbuf.data.clear()
-                    rbuf.scan = 0
+                if self.closing is not None:
+                    break
+                if exc.consumed:
+                    continue  # the offending frame is gone; the bytes after it are intact
+                rbuf.data.clear()
+                rbuf.scan = 0
                 break
             except ProtocolError as exc:
                 self._dispatch(ProtocolError, exc)
@@ -392,7 +408,7 @@ class Connection:
         earlier output stays; a ProtocolError goes to the state's handler if it has one,
         anything else is reported to ``handle_error``; then only this connection closes."""
         del self.out[mark:]
-        self.effects.clear()
+        self.effects = None
         if isinstance(exc, ProtocolError):
             if etype is not ProtocolError and ProtocolError in st.handlers:
                 self._dispatch(ProtocolError, exc)
@@ -427,10 +443,21 @@ class Connection:
             self.state_timer = self.host.call_later(new.timeout, self._state_timed_out, new)
         if (old.framing is None) != (new.framing is None):
             self._interest_changed()
+            # Input buffered while the old state read nothing (pipelined requests behind a
+            # streamed response) is cut now, not when more bytes happen to arrive.
+            if old.framing is None and (self.rbuf.data or self.eof):
+                self._schedule_resume()
+
+    def record(self, kind: str, arg: Any) -> None:
+        """Machines record an effect; it is applied after the handler returns."""
+        if self.effects is None:
+            self.effects = [(kind, arg)]
+        else:
+            self.effects.append((kind, arg))
 
     def _apply_effects(self) -> None:
-        effects = self.effects[:]
-        self.effects.clear()
+        effects = self.effects or ()
+        self.effects = None
         host = self.host
         for kind, arg in effects:
             if kind == "publish":

@@ -85,10 +85,13 @@ class FrameTooLong(Exception):
     The message names the limit and its value, e.g. ``line longer than 65536 bytes``.
     """
 
-    def __init__(self, what: str, limit: int, size: int | None = None) -> None:
+    def __init__(self, what: str, limit: int, size: int | None = None, *, consumed: bool = False) -> None:
         self.what = what
         self.limit = limit
         self.size = size
+        #: True when the framing already removed the offending frame from the buffer (the
+        #: bytes after it are intact); otherwise the runner discards what is buffered
+        self.consumed = consumed
         super().__init__(f"{what} longer than {limit} bytes")
 
 

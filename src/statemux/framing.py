@@ -72,20 +72,26 @@ class Framing:
 
 
 class Line(Framing):
-    """One line, without its delimiter. Longer than ``max_length`` → :class:`FrameTooLong`."""
+    """One line, without its delimiter. Longer than ``max_length`` → :class:`FrameTooLong`.
+
+    ``max_length`` is an int, or the name of a machine attribute holding it (so a limit can
+    be set per server through the machine factory). A complete over-long line is removed
+    from the buffer before the error, so the lines after it are still handled if the
+    machine stays; an unfinished one leaves the runner to discard what is buffered.
+    """
 
     __slots__ = ("delimiter", "max_length", "strip_cr")
 
     def __init__(
         self,
-        max_length: int = DEFAULT_MAX_LINE,
+        max_length: int | str = DEFAULT_MAX_LINE,
         delimiter: bytes = b"\n",
         *,
         strip_cr: bool = False,
     ) -> None:
         if not delimiter:
             raise ValueError("Line delimiter must not be empty")
-        if max_length < 1:
+        if isinstance(max_length, int) and max_length < 1:
             raise ValueError("Line max_length must be positive")
         self.delimiter = delimiter
         self.max_length = max_length
@@ -93,30 +99,35 @@ class Line(Framing):
 
     @property
     def max_size(self) -> int:  # type: ignore[override]
-        return self.max_length
+        return self.max_length if isinstance(self.max_length, int) else DEFAULT_MAX_LINE
 
     def cut(self, buffer: ReceiveBuffer, machine: Any) -> bytes | None:
         data = buffer.data
         delim = self.delimiter
+        limit = self.max_length
+        if limit.__class__ is not int:
+            limit = getattr(machine, limit)  # type: ignore[arg-type]
         i = data.find(delim, buffer.scan)
         if i < 0:
             n = len(data)
-            if n > self.max_length:
-                raise FrameTooLong("line", self.max_length, n)
+            if n > limit:
+                raise FrameTooLong("line", limit, n)
             buffer.scan = n - len(delim) + 1 if n >= len(delim) else 0
             return None
         end = i
         if self.strip_cr and end and data[end - 1] == 13:
             end -= 1
-        if end > self.max_length:
-            raise FrameTooLong("line", self.max_length, end)
+        if end > limit:
+            del data[: i + len(delim)]
+            buffer.scan = 0
+            raise FrameTooLong("line", limit, end, consumed=True)
         frame = bytes(data[:end])
         del data[: i + len(delim)]
         buffer.scan = 0
         return frame
 
     def describe(self) -> str:
-        return f"line ≤ {self.max_length} B"
+        return f"line ≤ {self.max_length} B" if isinstance(self.max_length, int) else f"line ≤ {self.max_length}"
 
 
 class Exact(Framing):

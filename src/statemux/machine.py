@@ -382,28 +382,28 @@ class Machine:
 
     def close(self) -> None:
         """Close after every queued byte is delivered (reason ``NORMAL``)."""
-        self._conn.effects.append(("close", None))
+        self._conn.record("close", None)
 
     def abort(self) -> None:
         """Close at once, dropping queued output (reason ``ABORTED``)."""
-        self._conn.effects.append(("abort", None))
+        self._conn.record("abort", None)
 
     def start_timer(self, name: str, seconds: float) -> None:
         """(Re)start the named timer; a :class:`TimerFired` event follows after ``seconds``."""
-        self._conn.effects.append(("start_timer", (name, seconds)))
+        self._conn.record("start_timer", (name, seconds))
 
     def cancel_timer(self, name: str) -> None:
-        self._conn.effects.append(("cancel_timer", name))
+        self._conn.record("cancel_timer", name)
 
     def publish(self, topic: str, payload: object, *, include_self: bool = False) -> None:
         """Deliver a :class:`Message` to every subscriber of ``topic`` on this server."""
-        self._conn.effects.append(("publish", (topic, payload, include_self)))
+        self._conn.record("publish", (topic, payload, include_self))
 
     def subscribe(self, topic: str) -> None:
-        self._conn.effects.append(("subscribe", topic))
+        self._conn.record("subscribe", topic)
 
     def unsubscribe(self, topic: str) -> None:
-        self._conn.effects.append(("unsubscribe", topic))
+        self._conn.record("unsubscribe", topic)
 
     # -- read-only context -----------------------------------------------------------------
     @property
