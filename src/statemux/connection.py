@@ -357,10 +357,8 @@ class Connection(ReceiveBuffer):
             else:
                 self._transition(st, handler, ret, mark)
             budget -= 1
-        if self.eof and self.closing is None and self.state.framing is None:
-            self._dispatch(PeerClosed, PeerClosed(bytes(rbuf.data)))
-            if self.closing is None:
-                self.close(CloseReason.PEER_CLOSED)
+        # EOF met in a state that reads nothing (say, while streaming a file) waits until
+        # the machine reads again: PeerClosed always comes after every buffered frame.
         self._settle()
 
     def _dispatch(self, etype: type, event: Any) -> None:
