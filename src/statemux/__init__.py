@@ -23,9 +23,24 @@ from .machine import Machine, MachineDefinitionError, Spec, State
 __version__ = "0.1.0"
 from .loop import Loop
 from .servers import (
+    ForkingMixIn,
+    ForkingTCPServer,
+    ForkingUDPServer,
+    ForkingUnixDatagramServer,
+    ForkingUnixStreamServer,
     MultiplexingMixIn,
     MultiplexingTCPServer,
     MultiplexingUDPServer,
     MultiplexingUnixDatagramServer,
     MultiplexingUnixStreamServer,
+    TCPServer,
+    ThreadingMixIn,
+    ThreadingTCPServer,
+    ThreadingUDPServer,
+    ThreadingUnixDatagramServer,
+    ThreadingUnixStreamServer,
+    UDPServer,
+    UnixDatagramServer,
+    UnixStreamServer,
+    UnsupportedMachine,
 )

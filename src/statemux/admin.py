@@ -45,6 +45,7 @@ __all__ = [
     "ROWS_PER_PIECE",
     "listen_url",
     "peer_text",
+    "unix_text",
 ]
 
 #: Longest command line, in bytes.
@@ -63,6 +64,13 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def unix_text(address: str | bytes) -> str:
+    """A Unix socket address for people: its path, or ``@NAME`` in the abstract namespace."""
+    if isinstance(address, bytes):
+        address = address.decode(errors="replace")
+    return "@" + address[1:] if address.startswith("\0") else address
+
+
 def listen_url(server: Any) -> str:
     """Where ``server`` listens, as ``tcp://HOST:PORT``, ``udp://[::1]:PORT``,
     ``unix:PATH`` or ``unix-dgram:PATH``."""
@@ -70,9 +78,7 @@ def listen_url(server: Any) -> str:
     address = server.server_address
     datagram = sock.type == socket.SOCK_DGRAM
     if sock.family == socket.AF_UNIX:
-        if isinstance(address, bytes):
-            address = address.decode(errors="replace")
-        return ("unix-dgram:" if datagram else "unix:") + str(address)
+        return ("unix-dgram:" if datagram else "unix:") + unix_text(address)
     return ("udp://" if datagram else "tcp://") + _host_port(address[0], address[1])
 
 
@@ -81,8 +87,8 @@ def peer_text(peer: Any) -> str:
     for an unnamed Unix peer."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         return _host_port(str(peer[0]), peer[1])
-    if isinstance(peer, bytes):
-        peer = peer.decode(errors="replace")
+    if isinstance(peer, str | bytes) and peer:
+        return unix_text(peer)
     return str(peer) if peer else "-"
 
 

@@ -127,6 +127,7 @@ class Connection(ReceiveBuffer):
         self.peer = peer
         self.data = bytearray()
         self.scan = 0
+        self.skipping = False
         self.out: list[bytes] = []
         self.effects: list[tuple[str, Any]] | None = None  # created on first use
         self.counts = host.stats.edge_counts(spec)
@@ -259,7 +260,10 @@ class Connection(ReceiveBuffer):
     def close(self, reason: CloseReason, *, abort: bool = False) -> None:
         """Begin closing: flush then close, or drop everything when ``abort``."""
         if self.closing is not None:
-            if abort:
+            if abort and not self.closed:
+                # An abort during a graceful close (output passed its limit while flushing)
+                # wins: the peer must not take a truncated reply for a complete one.
+                self.closing = reason
                 self._closing(True)
             return
         self.closing = reason
@@ -271,7 +275,8 @@ class Connection(ReceiveBuffer):
             self.bytes_out += len(data)
             self._transmit(data)
         out.clear()
-        self._closing(abort)
+        if self.closing is reason:  # not overtaken by an abort while transmitting
+            self._closing(abort)
 
     def finish(self) -> None:
         """Drivers call this once the transport is done: counts, hook, release."""
@@ -314,7 +319,7 @@ class Connection(ReceiveBuffer):
             if framing is None:
                 break
             if not budget:
-                if rbuf.data:
+                if rbuf.data or self.eof:
                     self._schedule_resume()
                 break
             try:
@@ -330,6 +335,11 @@ class Connection(ReceiveBuffer):
                 break
             except ProtocolError as exc:
                 self._dispatch(ProtocolError, exc)
+                break
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # a bug in a cutter: this connection only
+                self._failed(st, Frame, len(out), exc)
                 break
             if frame is None:
                 if self.eof:
@@ -411,6 +421,8 @@ class Connection(ReceiveBuffer):
             if etype is not ProtocolError and ProtocolError in st.handlers:
                 self._dispatch(ProtocolError, exc)
                 return
+            if exc.reply:
+                self.out.append(exc.reply)  # the hint is the last thing the peer reads
             idx = st.implicit.get(ProtocolError)
             reason = CloseReason.PROTOCOL_ERROR
         else:
@@ -439,6 +451,8 @@ class Connection(ReceiveBuffer):
             return
         if new.timeout is not None:
             self.state_timer = self.host.call_later(new.timeout, self._state_timed_out, new)
+        if Drained in new.handlers:
+            self._schedule_drained()  # a producer state gets its first Drained unasked
         if (old.framing is None) != (new.framing is None):
             self._interest_changed()
             # Input buffered while the old state read nothing (pipelined requests behind a
@@ -504,10 +518,15 @@ class Connection(ReceiveBuffer):
                 self.bytes_out += len(data)
                 self.last_active = self.host.time()
                 self._transmit(data)
-        if self.closing is None and Drained in self.state.handlers and not self.drain_scheduled:
-            if self._buffered() <= self.host.limits.output_low_water:
-                self.drain_scheduled = True
-                self.host.call_soon(self._deliver_drained)
+                # A producer that just sent a piece gets Drained as soon as the transport
+                # can take more; one that sent nothing is not called again (no busy loop).
+                if Drained in self.state.handlers:
+                    self._schedule_drained()
+
+    def _schedule_drained(self) -> None:
+        if self.closing is None and not self.drain_scheduled:
+            self.drain_scheduled = True
+            self.host.call_soon(self._deliver_drained)
 
     def pause(self) -> None:
         """Drivers call this when buffered output passed the high-water mark."""

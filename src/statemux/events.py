@@ -99,8 +99,8 @@ class ProtocolError(Exception):
     """The peer broke the protocol. Raise it from a handler or a framing.
 
     If the current state has a ``ProtocolError`` handler it gets the exception (and can send an
-    error reply); otherwise the connection closes with ``CloseReason.PROTOCOL_ERROR``.
-    ``reply`` is an optional hint of what to tell the peer.
+    error reply); otherwise ``reply``, if given, is sent as the last bytes the peer reads and
+    the connection closes with ``CloseReason.PROTOCOL_ERROR``.
     """
 
     def __init__(self, message: str, reply: bytes | None = None) -> None:

@@ -29,14 +29,16 @@ class ReceiveBuffer:
     """Bytes received but not yet cut into frames.
 
     ``data`` is a bytearray (deleting from its front is cheap in CPython); ``scan`` is how far a
-    framing has already searched without finding the end of a frame.
+    framing has already searched without finding the end of a frame; ``skipping`` is set by
+    :class:`Line` while it discards the rest of an over-long line.
     """
 
-    __slots__ = ("data", "scan")
+    __slots__ = ("data", "scan", "skipping")
 
     def __init__(self) -> None:
         self.data = bytearray()
         self.scan = 0
+        self.skipping = False
 
     def __len__(self) -> int:
         return len(self.data)
@@ -107,11 +109,19 @@ class Line(Framing):
         limit = self.max_length
         if limit.__class__ is not int:
             limit = getattr(machine, limit)  # type: ignore[arg-type]
+        if buffer.skipping and not self._skip(buffer):
+            return None
         i = data.find(delim, buffer.scan)
         if i < 0:
             n = len(data)
-            if n > limit:
-                raise FrameTooLong("line", limit, n)
+            # a partial delimiter (and a CR to strip) may end the buffer of a line that fits
+            if n > limit + len(delim) - 1 + self.strip_cr:
+                # Unfinished and already too long: drop it, and the rest of it as it comes.
+                keep = len(delim) - 1
+                del data[: n - keep]
+                buffer.scan = 0
+                buffer.skipping = True
+                raise FrameTooLong("line", limit, n, consumed=True)
             buffer.scan = n - len(delim) + 1 if n >= len(delim) else 0
             return None
         end = i
@@ -125,6 +135,22 @@ class Line(Framing):
         del data[: i + len(delim)]
         buffer.scan = 0
         return frame
+
+    def _skip(self, buffer: ReceiveBuffer) -> bool:
+        """Discard up to and including the next delimiter; False if it hasn't come yet."""
+        data = buffer.data
+        delim = self.delimiter
+        i = data.find(delim, buffer.scan)
+        if i < 0:
+            keep = len(delim) - 1
+            if len(data) > keep:
+                del data[: len(data) - keep]
+            buffer.scan = 0
+            return False
+        del data[: i + len(delim)]
+        buffer.scan = 0
+        buffer.skipping = False
+        return True
 
     def describe(self) -> str:
         return f"line ≤ {self.max_length} B" if isinstance(self.max_length, int) else f"line ≤ {self.max_length}"

@@ -7,13 +7,19 @@ to each state's framing instead.
 
 from __future__ import annotations
 
+import math
+
 import attrs
 
 __all__ = ["Limits"]
 
 
 def _positive(inst: object, attr: attrs.Attribute, value: float | None) -> None:
-    if value is not None and value <= 0:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{attr.name} must be a number, not {value!r}")
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{attr.name} must be positive, not {value!r}")
 
 

@@ -18,6 +18,7 @@ read from that one spec.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -125,6 +126,9 @@ class State:
         self.doc = doc
         self.name = "?"
         self.decls: list[_HandlerDecl] = []
+        #: how many handlers the owning class declared; more later means a subclass added
+        #: handlers to a state it shares with its base and its siblings
+        self.sealed: int | None = None
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -143,9 +147,7 @@ class State:
         if isinstance(to, (State, str)):
             targets: tuple[State | str, ...] = (to,)
         else:
-            targets = tuple(to)
-        if not targets:
-            raise MachineDefinitionError(f"handler for {event!r} in state {self.name}: empty to=")
+            targets = tuple(to)  # an empty one is refused with the class's name by build_spec
 
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
             self.decls.append(_HandlerDecl(event, func, targets))
@@ -242,6 +244,21 @@ def build_spec(cls: type) -> Spec | None:
     def fail(msg: str) -> None:
         raise MachineDefinitionError(f"{where}: {msg}")
 
+    # A subclass may add handlers to a state it inherits (``@Base.reading.on(...)``). The State
+    # object is shared with the base and its other subclasses, so such handlers are moved off
+    # it into this class, and each class's table gets only its own line's additions.
+    added: dict[str, list[_HandlerDecl]] = {}
+    for name, decl in decls.items():
+        if decl.sealed is not None and name not in vars(cls) and len(decl.decls) > decl.sealed:
+            added[name] = decl.decls[decl.sealed :]
+            del decl.decls[decl.sealed :]
+    if added:
+        cls._statemux_added_handlers = added  # type: ignore[attr-defined]
+    handler_decls = {name: list(decl.decls) for name, decl in decls.items()}
+    for klass in reversed(cls.__mro__):
+        for name, extra in vars(klass).get("_statemux_added_handlers", {}).items():
+            handler_decls[name].extend(extra)
+
     initials = [n for n, s in decls.items() if s.initial]
     if len(initials) != 1:
         fail(
@@ -258,11 +275,11 @@ def build_spec(cls: type) -> Spec | None:
 
     for name, decl in decls.items():
         cs = compiled[name]
-        if decl.final and decl.decls:
-            fail(f"final state '{name}' must have no handlers (it has {len(decl.decls)})")
+        if decl.final and handler_decls[name]:
+            fail(f"final state '{name}' must have no handlers (it has {len(handler_decls[name])})")
         if decl.final and decl.framing is not None:
             fail(f"final state '{name}' must not read (framing={decl.framing.describe()})")
-        for hd in decl.decls:
+        for hd in handler_decls[name]:
             if hd.event not in EVENT_NAMES or hd.event is HandlerError:
                 fail(f"state '{name}': {hd.event!r} is not an event type a handler can take")
             if hd.event in cs.handlers:
@@ -271,6 +288,8 @@ def build_spec(cls: type) -> Spec | None:
                     f"{cs.handlers[hd.event].name} and {hd.func.__name__}"
                 )
             fname = hd.func.__name__
+            if not hd.targets:
+                fail(f"handler {fname} in state '{name}' declares no target state (empty to=)")
             # Look the handler up by name so a subclass may override it.
             func = getattr(cls, fname, hd.func)
             if not callable(func):
@@ -306,8 +325,13 @@ def build_spec(cls: type) -> Spec | None:
             fail(f"state '{name}' reads {decl.framing.describe()} but has no Frame handler")
         if decl.framing is None and Frame in cs.handlers:
             fail(f"state '{name}' has a Frame handler but no framing to cut frames")
-        if decl.timeout is not None and decl.timeout <= 0:
-            fail(f"state '{name}': timeout must be positive, not {decl.timeout}")
+        if decl.timeout is not None and not (
+            isinstance(decl.timeout, (int, float))
+            and not isinstance(decl.timeout, bool)
+            and math.isfinite(decl.timeout)
+            and decl.timeout > 0
+        ):
+            fail(f"state '{name}': timeout must be positive, not {decl.timeout!r}")
 
     # Implicit edges to the terminal pseudo-state, so the table is complete data.
     for name, cs in compiled.items():
@@ -323,6 +347,10 @@ def build_spec(cls: type) -> Spec | None:
             edge = Edge(len(edges), name, EVENT_NAMES[etype], CLOSED, None, implicit=True)
             edges.append(edge)
             cs.implicit[etype] = edge.index
+
+    for name, decl in decls.items():
+        if name in vars(cls):
+            decl.sealed = len(decl.decls)
 
     initial = compiled[initials[0]]
     seen = {initial.name}

@@ -19,6 +19,7 @@ import errno
 import selectors
 import socket
 import socketserver
+import struct
 import sys
 from typing import Any
 
@@ -28,9 +29,12 @@ from .host import ConnectionInfo, MachineHostMixIn, is_handler_class, log
 from .hub import Hub
 from .loop import Loop
 from .machine import Machine
+from .sockets import pop_socket_options
 
 __all__ = ["MultiplexingMixIn", "StreamConnection", "DatagramSession"]
 
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+_CUT_SHORT = (CloseReason.SLOW_CONSUMER, CloseReason.ABORTED)
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 _ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -93,6 +97,8 @@ class StreamConnection(Connection):
             self._lost()
             return
         del wbuf[:n]
+        if n:
+            self.last_active = self.host.time()  # a peer reading slowly is not idle
         after = before - n
         if not after:
             self.wbuf = b""
@@ -157,6 +163,11 @@ class StreamConnection(Connection):
     def _closing(self, abort: bool) -> None:
         if abort:
             self.wbuf = b""
+            if self.closing in _CUT_SHORT and self.sock.family in (socket.AF_INET, socket.AF_INET6):
+                try:  # close with a reset: the peer must not mistake a cut reply for a whole one
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+                except OSError:
+                    pass
             self.server.loop.call_soon(self.finish)
         elif not self.wbuf:
             self._flushed()
@@ -274,6 +285,7 @@ class MultiplexingMixIn(MachineHostMixIn):
             )
         if not callable(RequestHandlerClass):
             raise TypeError(f"the machine factory must be callable, not {RequestHandlerClass!r}")
+        socket_options = pop_socket_options(limits)  # socket=, fileno=, dual_stack=, socket_mode=
         self._init_host(RequestHandlerClass, tracer, hub, limits)
         self.loop: Loop | None = None
         self._owns_loop = False
@@ -286,7 +298,7 @@ class MultiplexingMixIn(MachineHostMixIn):
         self._dgram_queue: list[tuple[bytes, Any]] = []
         self.datagrams_dropped = 0
         self.replies_unroutable = 0
-        super().__init__(server_address, RequestHandlerClass, bind_and_activate)  # type: ignore[call-arg]
+        super().__init__(server_address, RequestHandlerClass, bind_and_activate, **socket_options)  # type: ignore[call-arg]
         if loop is not None:
             loop.add(self)
 
@@ -545,7 +557,9 @@ class MultiplexingMixIn(MachineHostMixIn):
                 conn.close(CloseReason.NORMAL)
             return
         conn = self._table.get(address)
-        if conn is None:
+        if conn is None or conn.closing is not None:
+            # A session that is closing (its teardown runs at the end of the pass) must not
+            # swallow the peer's next datagram: that one starts a new session.
             if len(self._table) >= self.limits.max_connections:
                 self.stats.close_reasons[CloseReason.REFUSED] += 1
                 return

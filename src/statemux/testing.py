@@ -128,13 +128,14 @@ class SimConnection(Connection):
             self._window -= n
         after = len(self._backlog)
         limits = self.host.limits
+        if after > limits.output_limit and not self.closed:
+            self.close(CloseReason.SLOW_CONSUMER, abort=True)
+            return
         if self.closing is not None:
             if not self._backlog and not self.closed:
                 self.sim.call_soon(self.finish)
             return
-        if after > limits.output_limit:
-            self.close(CloseReason.SLOW_CONSUMER, abort=True)
-        elif after > limits.output_high_water:
+        if after > limits.output_high_water:
             self.pause()
         elif before > limits.output_low_water >= after or (self.paused and after <= limits.output_low_water):
             self.writable_again()

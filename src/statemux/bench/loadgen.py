@@ -65,13 +65,15 @@ def resp_batches(key: bytes, pipeline: int) -> list[bytes]:
     return batches
 
 
-def count_http(buf: bytearray) -> tuple[int, int]:
-    """Remove the complete responses at the front of ``buf``; return (responses, non-2xx)."""
+def count_http(buf: bytearray) -> tuple[int, int, bool]:
+    """Remove the complete responses at the front of ``buf``; return (responses, non-2xx,
+    whether the last one announced ``Connection: close``)."""
     n = bad = 0
+    close = False
     while True:
         i = buf.find(b"\r\n\r\n")
         if i < 0:
-            return n, bad
+            return n, bad, close
         head = bytes(buf[:i]).lower()
         j = head.find(b"content-length:")
         length = 0
@@ -80,15 +82,17 @@ def count_http(buf: bytearray) -> tuple[int, int]:
             length = int(head[j + 15 : k if k >= 0 else len(head)])
         end = i + 4 + length
         if len(buf) < end:
-            return n, bad
+            return n, bad, close
         if head[9:10] != b"2":
             bad += 1
+        close = b"connection: close" in head
         del buf[:end]
         n += 1
 
 
-def count_resp(buf: bytearray) -> tuple[int, int]:
-    """Remove the complete simple replies at the front of ``buf``; return (replies, errors)."""
+def count_resp(buf: bytearray) -> tuple[int, int, bool]:
+    """Remove the complete simple replies at the front of ``buf``; return (replies, errors,
+    False)."""
     n = bad = 0
     pos = 0
     size = len(buf)
@@ -109,7 +113,7 @@ def count_resp(buf: bytearray) -> tuple[int, int]:
             pos = eol + 2
         n += 1
     del buf[:pos]
-    return n, bad
+    return n, bad, False
 
 
 class _Conn:
@@ -135,42 +139,54 @@ def drive(
     start_at: float | None = None,
     tag: int = 0,
 ) -> dict[str, Any]:
-    """Drive ``conns`` connections for ``duration`` seconds from this process."""
+    """Drive ``conns`` connections for ``duration`` seconds from this process. A connection
+    the server closes (``Connection: close`` after its request limit, say) is replaced."""
     sel = selectors.DefaultSelector()
     clock = time.perf_counter
     http = workload == "http"
     counter = count_http if http else count_resp
-    socks = []
-    errors = 0
+    errors = reconnects = 0
+
+    def connect(batches: list[bytes]) -> _Conn:
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        c = _Conn(sock, batches)
+        sel.register(sock, _EVENT_READ, c)
+        return c
+
+    def send(c: _Conn, now: float) -> None:
+        c.expect = pipeline
+        c.sent_at = now
+        c.sock.send(c.batches[c.k % len(c.batches)])
+        c.k += 1
+
+    def drop(c: _Conn) -> None:
+        sel.unregister(c.sock)
+        c.sock.close()
+
+    live: list[_Conn] = []
     try:
         for i in range(conns):
-            sock = socket.create_connection((host, port), timeout=10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
-            socks.append(sock)
             if http:
                 batches = [http_request(host, port, path) * pipeline]
             else:
                 batches = resp_batches(b"key:%d:%d" % (tag, i), pipeline)
-            sel.register(sock, _EVENT_READ, _Conn(sock, batches))
+            live.append(connect(batches))
         if start_at is not None:
             delay = start_at - time.time()
             if delay > 0:
                 time.sleep(delay)  # allowed: every process starts sending at the same moment
         start = clock()
         deadline = start + duration
-        for key in list(sel.get_map().values()):
-            c = key.data
-            c.sent_at = clock()
-            c.expect = pipeline
-            c.sock.sendall(c.batches[0])
+        for c in live:
+            send(c, clock())
         hist: Counter[int] = Counter()
         done = 0
         last = start
         active = conns
         while active:
-            now = clock()
-            if now > deadline + 10:  # replies stopped coming: give up on the stragglers
+            if clock() > deadline + 10:  # replies stopped coming: give up on the stragglers
                 errors += active
                 break
             for key, _ in sel.select(1.0):
@@ -181,43 +197,45 @@ def drive(
                     continue
                 except OSError:
                     data = b""
-                if not data:
-                    errors += 1
-                    sel.unregister(c.sock)
-                    active -= 1
-                    continue
-                c.buf += data
-                n, bad = counter(c.buf)
-                errors += bad
-                c.expect -= n
-                if c.expect > 0:
-                    continue
-                now = clock()
-                hist[int((now - c.sent_at) * 1e6)] += 1
-                done += pipeline
-                last = now
+                closing = False
+                if data:
+                    c.buf += data
+                    n, bad, closing = counter(c.buf)
+                    errors += bad
+                    c.expect -= n
+                    if c.expect > 0:
+                        continue
+                    now = clock()
+                    hist[int((now - c.sent_at) * 1e6)] += 1
+                    done += pipeline
+                    last = now
+                else:
+                    errors += 1  # closed with replies outstanding
+                    closing = True
+                    now = clock()
                 if now >= deadline:
-                    sel.unregister(c.sock)
+                    drop(c)
                     active -= 1
                     continue
-                c.k += 1
-                c.expect = pipeline
-                c.sent_at = now
                 try:
-                    c.sock.send(c.batches[c.k % len(c.batches)])
+                    if closing:
+                        drop(c)
+                        c = connect(c.batches)
+                        reconnects += 1
+                    send(c, now)
                 except OSError:
                     errors += 1
-                    sel.unregister(c.sock)
                     active -= 1
         return {
             "requests": done,
             "elapsed": last - start,
             "errors": errors,
+            "reconnects": reconnects,
             "hist": {str(k): v for k, v in hist.items()},
         }
     finally:
-        for sock in socks:
-            sock.close()
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
         sel.close()
 
 
@@ -253,7 +271,9 @@ def run(
             os._exit(status)
         os.close(w)
         children.append((pid, r))
-    merged: dict[str, Any] = {"requests": 0, "elapsed": 0.0, "errors": 0, "procs": procs}
+    merged: dict[str, Any] = {
+        "requests": 0, "elapsed": 0.0, "errors": 0, "reconnects": 0, "procs": procs,
+    }  # fmt: skip
     hist: Counter[int] = Counter()
     failures = []
     for pid, r in children:
@@ -266,6 +286,7 @@ def run(
             continue
         merged["requests"] += result["requests"]
         merged["errors"] += result["errors"]
+        merged["reconnects"] += result["reconnects"]
         merged["elapsed"] = max(merged["elapsed"], result["elapsed"])
         hist.update({int(k): v for k, v in result["hist"].items()})
     if failures:

@@ -34,7 +34,9 @@ MAX_HEAD = 16 * 1024
 #: Longest RESP header or inline line, and largest bulk argument, of the fallback RESP machine.
 MAX_RESP_LINE = 64 * 1024
 
-_NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\nContent-Type: text/plain\r\n\r\nnot found\n"
+_NOT_FOUND = (
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\nContent-Type: text/plain\r\n\r\nnot found\n"
+)
 _BAD_METHOD = (
     b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 19\r\nAllow: GET\r\n"
     b"Content-Type: text/plain\r\nConnection: close\r\n\r\nmethod not allowed\n"

@@ -19,6 +19,8 @@ import resource
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,8 @@ STATEMUX_IMPLS = {
     "sync": "TCPServer",
 }
 BASELINE_IMPLS = ("asyncio", "uvloop", "stdlib-threading")
+#: children a forking server may have at once in the benchmark (the class default is 40)
+FORKING_MAX_CHILDREN = 256
 IMPLS = (*STATEMUX_IMPLS, *BASELINE_IMPLS)
 
 
@@ -49,7 +53,9 @@ def raise_nofile() -> int:
     return soft
 
 
-def machine_factory(workload: str, root: str, source: str = "auto") -> tuple[Callable[[], Any], str]:
+def machine_factory(
+    workload: str, root: str, source: str = "auto"
+) -> tuple[Callable[[], Any], str]:
     """The statemux machine factory for ``workload`` and where it came from.
 
     ``source``: ``real`` (``statemachines.http``/``statemachines.resp``; fail if absent),
@@ -93,12 +99,27 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise _Stop()
 
 
+def _watch_parent() -> None:
+    """Exit when the benchmark that started us is gone (killed with SIGKILL, say), so no
+    server outlives it."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)  # allowed: a once-a-second liveness check of the parent
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def _announce(port: int, source: str) -> None:
     sys.stdout.write(f"READY {port} {source}\n")
     sys.stdout.flush()
 
 
-def serve_statemux(impl: str, workload: str, root: str, source: str, max_connections: int) -> None:
+def serve_statemux(
+    impl: str, workload: str, root: str, source: str, max_connections: int, profiler: Any = None
+) -> None:
     import statemux
 
     name = STATEMUX_IMPLS[impl]
@@ -108,13 +129,18 @@ def serve_statemux(impl: str, workload: str, root: str, source: str, max_connect
     factory, origin = machine_factory(workload, root, source)
     # A backlog as deep as the multiplexing server's for every model, and daemon threads so
     # the process exits at once; nothing else differs from the class users get.
-    cls = type(
-        f"Bench{name}",
-        (base,),
-        {"request_queue_size": socket.SOMAXCONN, "daemon_threads": True, "block_on_close": False},
-    )
+    attributes = {
+        "request_queue_size": socket.SOMAXCONN,
+        "daemon_threads": True,
+        "block_on_close": False,
+    }
+    if impl == "forking":
+        attributes["max_children"] = FORKING_MAX_CHILDREN
+    cls = type(f"Bench{name}", (base,), attributes)
     server = cls(("127.0.0.1", 0), factory, max_connections=max_connections, idle_timeout=None)
     _announce(server.server_address[1], origin)
+    if profiler is not None:
+        profiler.enable()  # only serving is profiled, not imports and setup
     server.serve_forever()
 
 
@@ -127,7 +153,7 @@ def serve_stdlib(workload: str, root: str) -> None:
     server.serve_forever()
 
 
-def serve_asyncio(workload: str, root: str, use_uvloop: bool) -> None:
+def serve_asyncio(workload: str, root: str, use_uvloop: bool, profiler: Any = None) -> None:
     from .baselines import AsyncioHttp, AsyncioResp
 
     if use_uvloop:
@@ -145,6 +171,8 @@ def serve_asyncio(workload: str, root: str, use_uvloop: bool) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, loop.stop)
     _announce(server.sockets[0].getsockname()[1], "baseline")
+    if profiler is not None:
+        profiler.enable()
     loop.run_forever()
 
 
@@ -155,12 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default=".", help="directory of files the HTTP workload serves")
     parser.add_argument("--machines", choices=("auto", "real", "fallback"), default="auto")
     parser.add_argument("--cpus", default="", help="comma-separated CPUs to run on")
-    parser.add_argument("--profile", default="", help="write cProfile stats to this file")
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="write cProfile stats of serving to this file (statemux and asyncio servers)",
+    )
     args = parser.parse_args(argv)
 
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     nofile = raise_nofile()
+    _watch_parent()
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     profiler = None
@@ -168,14 +201,15 @@ def main(argv: list[str] | None = None) -> None:
         import cProfile
 
         profiler = cProfile.Profile()
-        profiler.enable()
     try:
         if args.impl in STATEMUX_IMPLS:
-            serve_statemux(args.impl, args.workload, args.root, args.machines, max(nofile - 100, 1))
+            serve_statemux(
+                args.impl, args.workload, args.root, args.machines, max(nofile - 100, 1), profiler
+            )
         elif args.impl == "stdlib-threading":
             serve_stdlib(args.workload, args.root)
         else:
-            serve_asyncio(args.workload, args.root, args.impl == "uvloop")
+            serve_asyncio(args.workload, args.root, args.impl == "uvloop", profiler)
     except _Stop:
         pass
     finally:
