@@ -48,3 +48,4 @@ class Service:
     connect_hint: str = "nc {host} {port}"
     connect_hint_unix: str = "nc -U {path}"
     connect_hint_datagram: str = "nc -u {host} {port}"
+    connect_hint_unix_datagram: str = "nc -uU {path}"

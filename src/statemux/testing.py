@@ -79,6 +79,13 @@ class SimConnection(Connection):
             self.receive(data)
         self.sim.run_ready()
 
+    def send_datagram(self, data: bytes) -> None:
+        """The peer sends one datagram (handled before this returns)."""
+        if self.closed:
+            raise ConnectionResetError("session is closed")
+        self.receive_datagram(data)
+        self.sim.run_ready()
+
     def send_eof(self) -> None:
         """The peer shuts down its sending side."""
         self.receive_eof()
