@@ -9,14 +9,17 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,lint]'
+	$(PY) -m pip install --quiet -e '.[test,lint,bench]'
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m statemux serve echo --tcp 127.0.0.1:7007
+	$(PY) -m statemux serve --config statemux.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m statemux bench
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src statemachines tests

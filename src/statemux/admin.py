@@ -52,8 +52,8 @@ __all__ = [
 MAX_COMMAND = 256
 #: Commands that may wait while a reply is being sent; one more closes the connection.
 MAX_PENDING = 16
-#: Rows encoded per piece of a reply.
-ROWS_PER_PIECE = 256
+#: Rows encoded per piece of a reply (about 25 KB: below the output high-water mark).
+ROWS_PER_PIECE = 128
 #: What the admin socket answers.
 COMMANDS = ("table", "stats", "help")
 
@@ -106,7 +106,7 @@ class AdminView:
         self.entries.append((label, server))
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per open connection of every server, oldest first within a server."""
+        """One row per open connection of every server, in each server's table order."""
         rows: list[dict[str, Any]] = []
         for label, server in self.entries:
             listen = listen_url(server)

@@ -46,7 +46,7 @@ import attrs
 
 from . import __version__
 from .admin import Admin, AdminView, listen_url, unix_text
-from .blocking import UnsupportedMachine, peer_state_reason
+from .blocking import peer_state_reason
 from .framing import Datagram
 from .host import MachineHostMixIn, machine_class_of
 from .hub import Hub
@@ -56,15 +56,16 @@ from .machine import Machine
 from .service import Service
 from .trace import LoggingTracer
 
-__all__ = ["main", "UsageError", "MODELS", "TRANSPORTS"]
+__all__ = ["main", "refusal", "UsageError", "MODELS", "TRANSPORTS"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_FORCED = 130
 
+#: the concurrency models ``--model`` chooses from
 MODELS = ("multiplex", "threading", "forking", "sync")
-#: transport -> (option, socket family default, stream?)
+#: the transports, each an option (``--tcp`` …) and a config file key (``unix_dgram``)
 TRANSPORTS = ("tcp", "unix", "udp", "unix-dgram")
 _CLASS_PREFIX = {
     "multiplex": "Multiplexing",
@@ -85,8 +86,6 @@ WORKER_RESTARTS = 5
 WORKER_RESTART_WINDOW = 10.0
 #: the admin socket's own bounds: a few local operators, replies up to the table's size
 ADMIN_LIMITS = {"max_connections": 8, "idle_timeout": 600.0, "output_limit": 256 * 1024 * 1024}
-
-log = logging.getLogger("statemux.cli")
 
 
 class UsageError(Exception):
@@ -421,6 +420,42 @@ def _check_transports(plan: ServicePlan) -> None:
             )
 
 
+def refusal(
+    model: str, workers: int, cls: type[Machine] | None, label: str, datagram: bool = False
+) -> str | None:
+    """Why ``model`` (run in ``workers`` processes) cannot serve machines of ``cls``, or None.
+
+    The same rules the server classes enforce in their constructors, said before anything
+    is bound and in the command's terms; ``--workers`` refuses what forking refuses.
+    """
+    if cls is None:
+        return None
+    name = cls.__qualname__
+    if model == "forking" and cls.shares_memory:
+        return (
+            f"the forking model cannot serve {label} ({name}): it shares memory between "
+            "connections (shares_memory = True), and each forked child has its own copy of "
+            "memory, so a shared store or room would silently split into one per connection; "
+            "use --model threading or multiplex"
+        )
+    if model == "sync" and cls.waits_for_peers:
+        return (
+            f"the sync model cannot serve {label} ({name}): its connections wait for other "
+            "connections (waits_for_peers = True), and the sync model serves one connection "
+            "at a time, so it would wait forever; use --model threading or multiplex"
+        )
+    if model == "forking" and datagram:
+        reason = peer_state_reason(cls)
+        if reason is not None:
+            return (
+                f"the forking model cannot serve {label} ({name}) on a datagram socket: it "
+                f"keeps per-peer state across datagrams ({reason}), and a forking datagram "
+                "server handles each datagram with a new machine in a new child; use --model "
+                "threading or multiplex"
+            )
+    return workers_refusal(workers, cls, datagram, label)
+
+
 def workers_refusal(
     workers: int, cls: type[Machine] | None, datagram: bool, label: str
 ) -> str | None:
@@ -503,11 +538,8 @@ def open_server(
             if ep.family == socket.AF_UNIX:
                 reason += " (a running server's socket, or a file that is not a socket)"
         raise UsageError(f"cannot listen on {ep}: {reason}") from None
-    except (TypeError, ValueError) as exc:
-        hint = ""
-        if isinstance(exc, UnsupportedMachine):
-            hint = f" (here: --model {'threading' if model == 'forking' else 'multiplex'})"
-        raise UsageError(f"{label} on {ep}: {exc}{hint}") from None
+    except (TypeError, ValueError) as exc:  # UnsupportedMachine, when not told in advance
+        raise UsageError(f"{label} on {ep}: {exc}") from None
 
 
 def open_all(plan: RunPlan, tracer: Any) -> list[Opened]:
@@ -532,8 +564,8 @@ def open_all(plan: RunPlan, tracer: Any) -> list[Opened]:
                         factory = service.build(datagram=ep.datagram, **sp.options)
                     except (TypeError, ValueError, OSError) as exc:
                         raise UsageError(f"{label}: {exc}") from None
-                    cls = _machine_class(factory) if plan.workers > 1 else None
-                    why = workers_refusal(plan.workers, cls, ep.datagram, label)
+                    cls = _machine_class(factory)
+                    why = refusal(plan.model, plan.workers, cls, label, ep.datagram)
                     if why:
                         raise UsageError(why)
                     factories[ep.datagram] = factory
@@ -747,13 +779,38 @@ def _drain_timeout(opened: Sequence[Opened]) -> float:
     return max((e.server.limits.drain_timeout for e in opened), default=Limits().drain_timeout)
 
 
+def refuse_new_connections(opened: Sequence[Opened]) -> None:
+    """Have the kernel refuse new connections at once, so clients and a load balancer's health
+    checks see the stop instead of waiting in the listen backlog to be reset at exit.
+
+    On Linux, ``shutdown()`` of a listening socket does that (pending connections are reset,
+    new ones refused); elsewhere it fails harmlessly and connections wait in the backlog.
+    Called once, just before the drain, which unregisters the listeners before the loop
+    waits again.
+    """
+    for entry in opened:
+        if not entry.endpoint.datagram:
+            with contextlib.suppress(OSError):
+                entry.server.socket.shutdown(socket.SHUT_RD)
+
+
 def run_loop(
-    loop: Loop, servers: Sequence[Any], err: TextIO, drain_timeout: float, ready: Callable[[], None]
+    loop: Loop,
+    opened: Sequence[Opened],
+    err: TextIO,
+    ready: Callable[[], None],
+    *,
+    refuse: bool = True,
 ) -> int:
     """Run ``loop`` in this thread until a signal; drain; return the exit status.
-    ``ready()`` announces the server once the signal handlers are in place."""
+    ``ready()`` announces the server once the signal handlers are in place; ``refuse``
+    makes the listeners refuse new connections when the stop begins."""
+    servers = [e.server for e in opened]
+    drain_timeout = _drain_timeout(opened)
 
     def stop(signum: int) -> None:
+        if refuse:
+            refuse_new_connections(opened)
         err.write(
             f"statemux: {_signal_name(signum)}: draining open connections "
             f"(up to {drain_timeout:g}s); send it again to force\n"
@@ -787,9 +844,8 @@ def serve_multiplex(plan: RunPlan, opened: list[Opened], out: TextIO, err: TextI
         if plan.admin:
             admin = open_admin(plan.admin, opened)
             loop.add(admin)
-        servers = [e.server for e in opened]
         ready = functools.partial(announce_ready, plan, opened, out)
-        return run_loop(loop, servers, err, _drain_timeout(opened), ready)
+        return run_loop(loop, opened, err, ready)
     finally:
         if admin is not None:
             admin.server_close()
@@ -832,8 +888,14 @@ def serve_blocking(plan: RunPlan, opened: list[Opened], out: TextIO, err: TextIO
                     f"statemux: {_signal_name(received[0])}: stopping; send it again to force\n"
                 )
                 err.flush()
-                for entry in opened:
-                    entry.server.shutdown()
+                # Side by side, so the drains overlap: the stop takes one drain_timeout at most.
+                stoppers = [
+                    threading.Thread(target=entry.server.shutdown, daemon=True) for entry in opened
+                ]
+                for t in stoppers:
+                    t.start()
+                for t in stoppers:
+                    t.join()  # interruptible: a second signal still forces the exit
             except KeyboardInterrupt:
                 err.write("statemux: forced exit\n")
                 return EXIT_FORCED
@@ -906,6 +968,9 @@ class Supervisor:
                 status = EXIT_FAILED
                 try:
                     status = self._worker(number, old)
+                except UsageError as exc:
+                    print(f"statemux: error: worker {number}: {exc}", file=sys.stderr)
+                    status = EXIT_USAGE
                 except BaseException:
                     import traceback
 
