@@ -434,6 +434,9 @@ class MultiplexingMixIn(MachineHostMixIn):
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
+                if exc.errno == errno.EINVAL:  # the listener was shut down (a draining worker)
+                    self._stop_accepting()
+                    return
                 log.error("accept failed on %s: %s", self.server_address, exc)  # type: ignore[attr-defined]
                 return
             if self.verify_request(request, client_address):  # type: ignore[attr-defined]
