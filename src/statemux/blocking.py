@@ -57,6 +57,7 @@ import os
 import select
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -86,6 +87,8 @@ _monotonic = time.monotonic
 _IN = select.POLLIN
 _OUT = select.POLLOUT
 _TROUBLE = select.POLLERR | select.POLLHUP | select.POLLNVAL
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+_CUT_SHORT = (CloseReason.SLOW_CONSUMER, CloseReason.ABORTED)
 _ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 #: seconds between attempts to send queued replies to a Unix datagram peer that is not reading
@@ -114,7 +117,10 @@ def peer_state_reason(cls: type[Machine]) -> str | None:
         return "it declares per_peer_state = True" if declared else None
     if cls.shares_memory:
         return "it shares memory (shares_memory = True)"
-    states = [st for st in cls.spec.states.values() if not st.final]
+    spec = getattr(cls, "spec", None)
+    if spec is None:  # not a machine yet (no states): make_machine will say so
+        return None
+    states = [st for st in spec.states.values() if not st.final]
     if len(states) > 1:
         return f"it has {len(states)} states ({', '.join(st.name for st in states)})"
     for st in states:
@@ -139,12 +145,7 @@ def _payload_size(payload: object) -> int:
 
 
 def _merge_stats(into: Stats, src: Stats) -> None:
-    for spec, counts in src._edges.items():
-        dst = into.edge_counts(spec)
-        for i, n in enumerate(counts):
-            if n:
-                dst[i] += n
-    into.close_reasons.update(src.close_reasons)
+    into.merge(src)
 
 
 class _Warning:
@@ -172,7 +173,7 @@ class _Warning:
         log.warning(message, *args)
 
 
-# -- hosts -------------------------------------------------------------------------------------------
+# -- hosts -----------------------------------------------------------------------------------------
 class _LocalHost:
     """The host of one stream connection: the server's limits, hub, tracer and error funnel,
     with timers, queued callbacks and counters of its own (the thread owns them)."""
@@ -253,7 +254,7 @@ class _SessionHost(_LocalHost):
             callback(*args)
 
 
-# -- the stream driver ---------------------------------------------------------------------------------
+# -- the stream driver -----------------------------------------------------------------------------
 class BlockingConnection(Connection):
     """A machine on one stream socket, driven by the thread that calls :meth:`run`.
 
@@ -267,7 +268,9 @@ class BlockingConnection(Connection):
         "wake_r", "wake_w", "wake_pending", "registered",
     )  # fmt: skip
 
-    def __init__(self, server: BlockingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int) -> None:
+    def __init__(
+        self, server: BlockingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int
+    ) -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
@@ -387,6 +390,8 @@ class BlockingConnection(Connection):
             self._lost()
             return
         del wbuf[:n]
+        if n:
+            self.last_active = _monotonic()  # a peer reading slowly is not idle
         after = before - n
         if not after and self.closing is not None:
             self._flushed()
@@ -425,6 +430,11 @@ class BlockingConnection(Connection):
     def _closing(self, abort: bool) -> None:
         if abort:
             self.wbuf.clear()
+            if self.closing in _CUT_SHORT and self.sock.family in (socket.AF_INET, socket.AF_INET6):
+                try:  # close with a reset: the peer must not mistake a cut reply for a whole one
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+                except OSError:
+                    pass
             self.local.call_soon(self.finish)
         elif not self.wbuf:
             self._flushed()
@@ -462,6 +472,12 @@ class BlockingConnection(Connection):
         if self.linger_timer is not None:
             self.linger_timer.cancel()
             self.linger_timer = None
+        # Closed here, not by the server's shutdown_request: its SHUT_WR would send a FIN
+        # ahead of the reset that ends a cut-short connection.
+        try:
+            self.sock.close()
+        except OSError:
+            pass
         self.server._connection_done(self)
 
     # -- shutdown --------------------------------------------------------------------------------
@@ -529,7 +545,7 @@ class BlockingConnection(Connection):
             Connection.deliver(self, message)
 
 
-# -- datagram sessions -------------------------------------------------------------------------------
+# -- datagram sessions -----------------------------------------------------------------------------
 class BlockingDatagramSession(Connection):
     """A machine per peer address on a blocking-model datagram server.
 
@@ -539,7 +555,9 @@ class BlockingDatagramSession(Connection):
 
     __slots__ = ("server", "sock", "local", "work", "running")
 
-    def __init__(self, server: BlockingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int) -> None:
+    def __init__(
+        self, server: BlockingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int
+    ) -> None:
         self.server = server
         self.sock = sock
         self.local = _SessionHost(server)
@@ -621,8 +639,8 @@ class BlockingMixIn(MachineHostMixIn):
         threaded = self.model == "threading"
         if hub is None:
             hub = Hub(threading.Lock()) if threaded else Hub()
-        elif threaded and not hasattr(hub._lock, "acquire"):
-            hub._lock = threading.Lock()  # a hub made without a lock, now shared by threads
+        elif threaded:
+            hub.ensure_lock()  # a hub made without a lock, now shared by threads
         self._init_host(RequestHandlerClass, tracer, hub, options)
         self._machine_checked = False
         if not self._handler_mode and self.machine_class is not None:
@@ -654,11 +672,13 @@ class BlockingMixIn(MachineHostMixIn):
         self._fds_released = False
         self._closing_server = False
         self._bound_warning = _Warning()
+        self._backlog_warning = _Warning()  # each hit under _lock
+        self._queue_warning = _Warning()  # each hit under _dgram_lock
         try:
-            if socket_options:
-                super().__init__(server_address, RequestHandlerClass, bind_and_activate, **socket_options)  # type: ignore[call-arg]
-            else:
-                super().__init__(server_address, RequestHandlerClass, bind_and_activate)  # type: ignore[call-arg]
+            # Socket options are passed only when given: a stdlib server class mixed in
+            # directly (without SocketsMixIn) takes none.
+            init: Any = super().__init__
+            init(server_address, RequestHandlerClass, bind_and_activate, **socket_options)
         except BaseException:
             self._release_fds()  # an address refused before any socket existed
             raise
@@ -759,7 +779,9 @@ class BlockingMixIn(MachineHostMixIn):
                     self._serve_thread = None
                     self._exited.set()
 
-    def _serve_step(self, poller: select.poll, registered: dict[int, int], poll_interval: float | None) -> None:
+    def _serve_step(
+        self, poller: select.poll, registered: dict[int, int], poll_interval: float | None
+    ) -> None:
         listen_fd = self.socket.fileno()
         want = 0
         if self._accepting():
@@ -815,7 +837,11 @@ class BlockingMixIn(MachineHostMixIn):
             deadline = self._timers.next_deadline()
         if self._accept_resume and (deadline is None or self._accept_resume < deadline):
             deadline = self._accept_resume
-        if self._dgram_queue and self._dgram_retry and (deadline is None or self._dgram_retry < deadline):
+        if (
+            self._dgram_queue
+            and self._dgram_retry
+            and (deadline is None or self._dgram_retry < deadline)
+        ):
             deadline = self._dgram_retry
         return deadline
 
@@ -1096,6 +1122,11 @@ class BlockingMixIn(MachineHostMixIn):
             work = session.work
             if not force and len(work) >= self.session_backlog:
                 self.datagrams_dropped += 1
+                self._backlog_warning.hit(
+                    "session_backlog (%d) full for %s: its worker is behind; dropped",
+                    self.session_backlog,
+                    session.peer,
+                )
                 return
             work.append((fn, args))
             if session.running:
@@ -1155,7 +1186,11 @@ class BlockingMixIn(MachineHostMixIn):
             self._cond.notify_all()
 
     def _session_timer(
-        self, session: BlockingDatagramSession, delay: float, callback: Callable[..., Any], args: tuple[Any, ...]
+        self,
+        session: BlockingDatagramSession,
+        delay: float,
+        callback: Callable[..., Any],
+        args: tuple[Any, ...],
     ) -> _SessionTimer:
         handle = _SessionTimer(callback, args, self._lock)
         with self._lock:
@@ -1177,7 +1212,9 @@ class BlockingMixIn(MachineHostMixIn):
         if not address:
             with self._lock:
                 self.replies_unroutable += 1
-            log.warning("reply of %d bytes dropped: the peer sent from an unbound socket", len(data))
+            log.warning(
+                "reply of %d bytes dropped: the peer sent from an unbound socket", len(data)
+            )
             return
         with self._dgram_lock:
             queue = self._dgram_queue
@@ -1196,6 +1233,11 @@ class BlockingMixIn(MachineHostMixIn):
                     return
             if len(queue) >= self.limits.datagram_queue:
                 self.datagrams_dropped += 1
+                self._queue_warning.hit(
+                    "datagram_queue (%d) full: reply to %s dropped",
+                    self.limits.datagram_queue,
+                    address,
+                )
                 return
             queue.append((data, address))
             waiting[address] = waiting.get(address, 0) + 1
@@ -1292,7 +1334,8 @@ class ThreadingMixIn(BlockingMixIn, socketserver.ThreadingMixIn):
             if not self._saturated_logged:
                 self._saturated_logged = True
                 self._bound_warning.hit(
-                    "%s: max_threads (%d) handler threads busy; new requests wait until one finishes",
+                    "%s: max_threads (%d) handler threads busy; new requests wait until one "
+                    "finishes",
                     type(self).__name__,
                     self.max_threads,
                 )
@@ -1326,7 +1369,10 @@ class ThreadingMixIn(BlockingMixIn, socketserver.ThreadingMixIn):
 
     def _spawn(self, target: Callable[..., Any], args: tuple[Any, ...], name: str) -> None:
         thread = threading.Thread(
-            target=self._thread_main, args=(target, args), name=f"statemux {name}", daemon=self.daemon_threads
+            target=self._thread_main,
+            args=(target, args),
+            name=f"statemux {name}",
+            daemon=self.daemon_threads,
         )
         with self._lock:
             self._handler_threads.add(thread)

@@ -86,6 +86,15 @@ class Stats:
             counts = self._edges[spec] = [0] * len(spec.edges)
         return counts
 
+    def merge(self, other: Stats) -> None:
+        """Add another server's (or a forked child's) counters to these."""
+        for spec, counts in other._edges.items():
+            mine = self.edge_counts(spec)
+            for i, n in enumerate(counts):
+                if n:
+                    mine[i] += n
+        self.close_reasons.update(other.close_reasons)
+
     def transitions(self) -> Counter[tuple[str, str, str, str]]:
         """``(machine, from state, event, to state) -> times taken``."""
         out: Counter[tuple[str, str, str, str]] = Counter()

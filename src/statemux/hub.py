@@ -33,6 +33,11 @@ class Hub:
         self._topics: dict[str, dict[Subscriber, None]] = {}
         self._lock: Any = lock if lock is not None else contextlib.nullcontext()
 
+    def ensure_lock(self) -> None:
+        """Make the hub safe for threads (servers whose connections run in threads call it)."""
+        if not hasattr(self._lock, "acquire"):
+            self._lock = threading.RLock()
+
     def subscribe(self, topic: str, sub: Subscriber) -> None:
         with self._lock:
             self._topics.setdefault(topic, {})[sub] = None

@@ -387,6 +387,9 @@ class Machine:
     ``waits_for_peers``: a connection needs other connections to make progress (a chat);
     the synchronous server, which serves one connection at a time, refuses it.
     ``refusal``: bytes sent to a client refused because ``max_connections`` was reached.
+    ``per_peer_state``: a datagram machine keeps state across one peer's datagrams, so forking
+    datagram servers (a new child per datagram) refuse it; ``None`` lets the servers judge
+    from the table (see ``docs/models.md``).
     """
 
     __slots__ = ("_out", "_conn")
@@ -395,6 +398,7 @@ class Machine:
     shares_memory: ClassVar[bool] = False
     waits_for_peers: ClassVar[bool] = False
     refusal: ClassVar[bytes | None] = None
+    per_peer_state: ClassVar[bool | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -16,6 +16,7 @@ reply rather than a reset.
 from __future__ import annotations
 
 import errno
+from collections import deque
 import selectors
 import socket
 import socketserver
@@ -295,7 +296,13 @@ class MultiplexingMixIn(MachineHostMixIn):
         self._accept_paused = False
         self._accept_timer: Any = None
         self._idle_sweeper: Any = None
-        self._dgram_queue: list[tuple[bytes, Any]] = []
+        #: replies the socket could not take, per peer (order is kept per peer only, so one
+        #: peer that stops reading holds up no one else); retried on a timer, not on write
+        #: readiness: a Unix datagram socket polls writable while a peer's queue is full
+        self._dgram_queues: dict[Any, deque[bytes]] = {}
+        self._dgram_queued = 0
+        self._dgram_retry: Any = None
+        self._dgram_drop_logged = float("-inf")
         self.datagrams_dropped = 0
         self.replies_unroutable = 0
         super().__init__(server_address, RequestHandlerClass, bind_and_activate, **socket_options)  # type: ignore[call-arg]
@@ -517,10 +524,6 @@ class MultiplexingMixIn(MachineHostMixIn):
 
     # -- datagrams ----------------------------------------------------------------------------------
     def _on_datagrams(self, mask: int) -> None:
-        if mask & EVENT_WRITE:
-            self._flush_datagrams()
-        if not mask & EVENT_READ:
-            return
         sock = self.socket  # type: ignore[attr-defined]
         bufsize = self._datagram_bufsize()
         for _ in range(self.datagrams_per_event):
@@ -572,12 +575,16 @@ class MultiplexingMixIn(MachineHostMixIn):
             conn.start()
         conn.receive_datagram(data)
 
+    #: seconds between retries of replies a peer could not take yet
+    datagram_retry_interval = 0.01
+
     def _send_datagram(self, data: bytes, address: Any) -> None:
         if not address:
             self.replies_unroutable += 1
             log.warning("reply of %d bytes dropped: the peer sent from an unbound socket", len(data))
             return
-        if self._dgram_queue:
+        queue = self._dgram_queues.get(address)
+        if queue:
             self._queue_datagram(data, address)
             return
         try:
@@ -589,27 +596,38 @@ class MultiplexingMixIn(MachineHostMixIn):
             log.warning("reply to %s dropped: %s", address, exc)
 
     def _queue_datagram(self, data: bytes, address: Any) -> None:
-        if len(self._dgram_queue) >= self.limits.datagram_queue:
+        if self._dgram_queued >= self.limits.datagram_queue:
             self.datagrams_dropped += 1
+            now = self.time()
+            if now - self._dgram_drop_logged >= 60.0:  # say it, but not once per datagram
+                self._dgram_drop_logged = now
+                log.warning(
+                    "datagram_queue (%d) full: reply to %s dropped (%d dropped so far)",
+                    self.limits.datagram_queue, address, self.datagrams_dropped,
+                )
             return
-        self._dgram_queue.append((data, address))
-        if len(self._dgram_queue) == 1 and self.loop is not None and self._accepting:
-            self.loop.selector.modify(self.socket.fileno(), EVENT_READ | EVENT_WRITE, self._on_datagrams)  # type: ignore[attr-defined]
+        self._dgram_queues.setdefault(address, deque()).append(data)
+        self._dgram_queued += 1
+        if self._dgram_retry is None and self.loop is not None:
+            self._dgram_retry = self.loop.call_later(self.datagram_retry_interval, self._flush_datagrams)
 
     def _flush_datagrams(self) -> None:
-        queue = self._dgram_queue
-        sent = 0
-        for data, address in queue:
-            try:
-                self.socket.sendto(data, address)  # type: ignore[attr-defined]
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.datagrams_dropped += 1
-            sent += 1
-        del queue[:sent]
-        if not queue and self.loop is not None and self._accepting:
-            self.loop.selector.modify(self.socket.fileno(), EVENT_READ, self._on_datagrams)  # type: ignore[attr-defined]
+        self._dgram_retry = None
+        sock = self.socket  # type: ignore[attr-defined]
+        for address, queue in list(self._dgram_queues.items()):
+            while queue:
+                try:
+                    sock.sendto(queue[0], address)
+                except (BlockingIOError, InterruptedError):
+                    break  # this peer is still full; the others go on
+                except OSError:
+                    self.datagrams_dropped += 1
+                queue.popleft()
+                self._dgram_queued -= 1
+            if not queue:
+                del self._dgram_queues[address]
+        if self._dgram_queues and self.loop is not None:
+            self._dgram_retry = self.loop.call_later(self.datagram_retry_interval, self._flush_datagrams)
 
     # -- drain and introspection ----------------------------------------------------------------------
     def _begin_drain(self) -> None:

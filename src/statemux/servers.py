@@ -80,7 +80,7 @@ class UnixDatagramServer(BlockingMixIn, SocketsMixIn, socketserver.UnixDatagramS
     """Unix datagrams handled in the serving thread (a machine per bound peer)."""
 
 
-# -- threading ---------------------------------------------------------------------------------------
+# -- threading -------------------------------------------------------------------------------------
 class ThreadingTCPServer(ThreadingMixIn, TCPServer):
     pass
 
@@ -97,7 +97,7 @@ class ThreadingUnixDatagramServer(ThreadingMixIn, UnixDatagramServer):
     pass
 
 
-# -- forking -----------------------------------------------------------------------------------------
+# -- forking ---------------------------------------------------------------------------------------
 class ForkingTCPServer(ForkingMixIn, TCPServer):
     pass
 
@@ -114,7 +114,7 @@ class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer):
     pass
 
 
-# -- multiplexing ------------------------------------------------------------------------------------
+# -- multiplexing ----------------------------------------------------------------------------------
 class MultiplexingTCPServer(MultiplexingMixIn, SocketsMixIn, socketserver.TCPServer):
     pass
 
@@ -129,5 +129,7 @@ class MultiplexingUnixStreamServer(MultiplexingMixIn, SocketsMixIn, socketserver
     pass
 
 
-class MultiplexingUnixDatagramServer(MultiplexingMixIn, SocketsMixIn, socketserver.UnixDatagramServer):
+class MultiplexingUnixDatagramServer(
+    MultiplexingMixIn, SocketsMixIn, socketserver.UnixDatagramServer
+):
     allow_reuse_address = False

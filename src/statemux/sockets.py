@@ -125,7 +125,9 @@ class SocketsMixIn:
             raise TypeError("give socket= or fileno=, not both")
         if socket_mode is not None:
             if not isinstance(socket_mode, int) or not 0 <= socket_mode <= 0o777:
-                raise ValueError(f"socket_mode must be a permission mode like 0o600, not {socket_mode!r}")
+                raise ValueError(
+                    f"socket_mode must be a permission mode like 0o600, not {socket_mode!r}"
+                )
             self.socket_mode = socket_mode
         if dual_stack is not None:
             self.dual_stack = bool(dual_stack)
@@ -139,7 +141,8 @@ class SocketsMixIn:
                 if fileno is not None:
                     inherited.detach()  # the descriptor stays the caller's
                 raise
-            socketserver.BaseServer.__init__(self, server_address, RequestHandlerClass)  # type: ignore[arg-type]
+            base_init: Any = socketserver.BaseServer.__init__
+            base_init(self, server_address, RequestHandlerClass)
             self.address_family = inherited.family
             self.socket = inherited
             try:
@@ -151,7 +154,8 @@ class SocketsMixIn:
                 raise
             return
         server_address = self._prepare_address(server_address)
-        socketserver.BaseServer.__init__(self, server_address, RequestHandlerClass)  # type: ignore[arg-type]
+        base_init = socketserver.BaseServer.__init__
+        base_init(self, server_address, RequestHandlerClass)
         self.socket = _socket_module.socket(self.address_family, self.socket_type)
         if bind_and_activate:
             try:
@@ -171,7 +175,9 @@ class SocketsMixIn:
             return address
         if self.dual_stack:
             if not socket.has_dualstack_ipv6():
-                raise OSError(errno.EAFNOSUPPORT, "this host cannot listen on IPv4 and IPv6 at once")
+                raise OSError(
+                    errno.EAFNOSUPPORT, "this host cannot listen on IPv4 and IPv6 at once"
+                )
             host = address[0] if isinstance(address, tuple) else None
             if host not in _WILDCARD_HOSTS:
                 raise ValueError(
@@ -204,7 +210,9 @@ class SocketsMixIn:
                 self._bind_socket_file(path)
                 return
         elif self.address_family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.dual_stack else 1)
+            self.socket.setsockopt(
+                socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.dual_stack else 1
+            )
         super().server_bind()  # type: ignore[misc]
 
     def _bind_socket_file(self, path: str | bytes) -> None:
@@ -279,10 +287,11 @@ class SocketsMixIn:
         finally:
             probe.close()
         raise OSError(
-            errno.EADDRINUSE, f"a server is listening on {os.fsdecode(target)}; not replacing its socket file"
+            errno.EADDRINUSE,
+            f"a server is listening on {os.fsdecode(target)}; not replacing its socket file",
         )
 
-    # -- closing -------------------------------------------------------------------------------------
+    # -- closing -----------------------------------------------------------------------------------
     def server_close(self) -> None:
         """Remove the socket file if it is still the one this process bound, then close the
         socket. Idempotent. May be extended."""

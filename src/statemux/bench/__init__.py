@@ -56,7 +56,7 @@ def build_parser(prog: str = "statemux bench") -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true",
                       help="the full sweep (1 to 1000 connections, 10,000 idle, ≥ 1M pipelined "
-                      "requests); takes a quarter of an hour")  # fmt: skip
+                      "requests, 5 s per point); takes about 8 minutes")  # fmt: skip
     size.add_argument("--smoke", action="store_true",
                       help="a few seconds: tiny durations, few connections, one workload each")  # fmt: skip
     p.add_argument("--duration", type=float, help="seconds per measurement (default: 2, 5 with "
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     bench: Bench | None = None
     hotspots: list[dict[str, Any]] = []
     profile_notes: list[str] = []
+    memory: dict[str, list[dict[str, Any]]] = {}
     try:
         with open(log_path, "wb") as log:
             bench = Bench(settings, root, "/" + FILE_NAME, log, progress)
@@ -222,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
                 wanted = [w for w in ("http", "resp-p16") if w in workloads]
             if mode == "smoke" or args.profile == "never":
                 wanted = []
+            if args.profile != "never" and mode != "smoke":
+                t3 = next((t for t in targets if t.name == "T3"), None)
+                if args.profile == "always" or (t3 is not None and t3.status == "not reached"):
+                    note = _memory_profile(bench, min(idle, 2000), args.out, memory)
+                    if note:
+                        profile_notes.append(note)
             for workload in wanted:
                 # the shipped machine, the minimal one to tell the framework's share apart,
                 # and the asyncio baseline with the same minimal parser for comparison
@@ -246,14 +253,14 @@ def main(argv: list[str] | None = None) -> int:
 
     env = _environment(mode, settings, bench)
     env["load_average_before"] = load_before
-    text = _render(
-        rows, targets, env, skipped, hotspots, profile_notes, bench.layers if bench else {}
-    )
+    layers = bench.layers if bench else {}
+    text = _render(rows, targets, env, skipped, hotspots, profile_notes, layers, memory)
     print(text)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        profiles = {f"{k[0]} / {k[1]}": v for k, v in (bench.layers if bench else {}).items()}
+        profiles: dict[str, Any] = {f"{k[0]} / {k[1]}": v for k, v in layers.items()}
+        profiles.update({f"{label} / idle memory": sites for label, sites in memory.items()})
         f.write(report.to_json(rows, targets, env, hotspots, profiles))
     written = ["results.md", "results.json", "bench.log"]
     if plotting.available():
@@ -282,10 +289,13 @@ def _profile(
     job = Job(SERVERS[key], protocol, (Step(workload, 50, duration),), profile=dump)
     bench.progress.total += 1
     before = len(bench.rows)
+    repeat, bench.settings.repeat = bench.settings.repeat, 1  # one run per profile
     try:
         bench.run_job(job)
     except BenchError:
         return [], ""
+    finally:
+        bench.settings.repeat = repeat
     new = bench.rows[before:]
     del bench.rows[before:]
     if not new or not new[0].requests or not os.path.exists(dump):
@@ -300,6 +310,42 @@ def _profile(
     return spots, os.path.basename(text_path)
 
 
+def _memory_profile(bench: Bench, n: int, out: str, memory: dict[str, list[dict[str, Any]]]) -> str:
+    """Where an idle connection's memory goes in the multiplexing server (shipped machine and
+    minimal one), from allocation snapshots; fills ``memory``, returns the file name."""
+    from .hotspots import memory_per_connection
+
+    path = os.path.join(out, "memory-idle.txt")
+    parts = []
+    for key in ("multiplex", "multiplex-min"):
+        kind = SERVERS[key]
+        bench.progress.total += 1
+        bench.progress.begin(f"{'http':<8} {kind.label:<36} +{n} idle, allocations traced")
+        prefix = os.path.join(out, f"memory-{key}")
+        try:
+            before, after = bench.memory_profile(kind, n, prefix)
+        except BenchError as exc:
+            bench.progress.end(f"failed: {exc}")
+            continue
+        part = path + f".{key}"
+        sites = memory_per_connection(
+            before, after, n, part, f"{kind.label}, HTTP idle connections"
+        )
+        for snap in (before, after):
+            os.remove(snap)
+        memory[kind.label] = sites
+        with open(part) as f:
+            parts.append(f.read())
+        os.remove(part)
+        total = sum(s["bytes_per_conn"] for s in sites)
+        bench.progress.end(f"{total:,.0f} B per connection in the top allocation sites")
+    if not parts:
+        return ""
+    with open(path, "w") as f:
+        f.write("\n\n".join(parts))
+    return os.path.basename(path)
+
+
 def _render(
     rows: list[Any],
     targets: list[report.Target],
@@ -308,6 +354,7 @@ def _render(
     hotspots: list[dict[str, Any]],
     profile_notes: list[str],
     layers: dict[tuple[str, str], dict[str, Any]] | None = None,
+    memory: dict[str, list[dict[str, Any]]] | None = None,
 ) -> str:
     layers = layers or {}
     out = [f"## statemux bench ({env['mode']}), {env['date']}", ""]
@@ -345,18 +392,17 @@ def _render(
             "µs per request are inflated by the profiler. Full listings: profile-*.txt.",
             "",
         ]
-        if layers:
-            names = list(next(iter(layers.values())))
-            for workload in dict.fromkeys(w for _, w in layers):
-                servers = [s for s, w in layers if w == workload]
-                lines = [["own µs per request (profiled)", *servers]]
-                for name in names:
-                    lines.append([name, *(f"{layers[(s, workload)][name]:.2f}" for s in servers)])
-                lines.append(
-                    ["total", *(f"{sum(layers[(s, workload)].values()):.2f}" for s in servers)]
-                )
-                title = f"By layer, {report.WORKLOAD_TITLES[workload]}, 50 connections:"
-                out += [title, "", report._markdown(lines, right=range(1, len(lines[0]))), ""]
+        for workload in dict.fromkeys(w for _, w in layers):
+            servers = [s for s, w in layers if w == workload]
+            got = [layers[(s, workload)] for s in servers]
+            lines = [["own µs per request (profiled)", *servers]]
+            for name in got[0]["layers"]:
+                lines.append([name, *(f"{g['layers'][name]:.2f}" for g in got)])
+            lines.append(["total", *(f"{sum(g['layers'].values()):.2f}" for g in got)])
+            lines.append(["Python calls per request", *(f"{g['python_calls']:.1f}" for g in got)])
+            lines.append(["builtin calls per request", *(f"{g['builtin_calls']:.1f}" for g in got)])
+            title = f"By layer, {report.WORKLOAD_TITLES[workload]}, 50 connections:"
+            out += [title, "", report._markdown(lines, right=range(1, len(lines[0]))), ""]
         groups = dict.fromkeys(
             (h["server"], h["workload"]) for h in hotspots if h["server"].startswith("statemux")
         )
@@ -369,4 +415,24 @@ def _render(
                 )  # fmt: skip
             title = f"{server}, {report.WORKLOAD_TITLES[workload]}, 50 connections:"
             out += [title, "", report._markdown(lines, right=range(3)), ""]
+    if memory:
+        out += [
+            "",
+            "### Where an idle connection's memory goes",
+            "",
+            "tracemalloc, Python allocations per idle HTTP connection by allocation site",
+            "(kernel socket memory and allocator slack are not seen). Full list: memory-idle.txt.",
+            "",
+        ]
+        for label, sites in memory.items():
+            lines = [["B/conn", "blocks/conn", "allocation site"]]
+            for site in sites[:12]:
+                lines.append(
+                    [
+                        f"{site['bytes_per_conn']:.0f}",
+                        f"{site['blocks_per_conn']:.2f}",
+                        site["site"],
+                    ]
+                )
+            out += [f"{label}:", "", report._markdown(lines, right=range(2)), ""]
     return "\n".join(out).rstrip()

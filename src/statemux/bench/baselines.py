@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import socketserver
+import sys
 from typing import Any
 
 from .machines import _BAD_METHOD, _NOT_FOUND, _TOO_LONG, MAX_HEAD, MAX_RESP_LINE, wants_close
@@ -173,6 +174,12 @@ class BaselineThreadingServer(socketserver.ThreadingTCPServer):
     def __init__(self, address: Any, handler: Any, shared: Any) -> None:
         self.shared = shared
         super().__init__(address, handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client resetting its connection (load generators do at the end of a run) is not
+        an error worth a traceback; anything else is printed as the stdlib does."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class StreamHttp(socketserver.StreamRequestHandler):

@@ -60,7 +60,8 @@ def plot(rows: list[Row], paths: list[str], title: str = "") -> None:
             ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if servers:
+        axes[0][0].legend(fontsize=8)
 
     ax = axes[1][1]
     resp = [r for r in rows if r.workload.startswith("resp") and r.cpu_us]

@@ -147,7 +147,7 @@ def table(rows: list[Row]) -> str:
     """The results as a Markdown table (readable as plain text too)."""
     head = [
         "workload", "server", "conns", "req/s", "p50 ms", "p99 ms", "CPU µs/req",
-        "peak RSS MB", "B/idle conn", "load generator",
+        "peak RSS MB", "B/idle conn", "load", "notes",
     ]  # fmt: skip
     lines = [head]
     for r in rows:
@@ -163,16 +163,28 @@ def table(rows: list[Row]) -> str:
                 _fmt(r.peak_rss / 2**20 if r.peak_rss else None, ".1f")
                 + ("*" if r.peak_is_pss else ""),
                 _fmt(r.idle_bytes, ",.0f"),
-                (r.loadgen or "—") + (f" ({r.note})" if r.note else ""),
+                r.loadgen or "—",
+                r.note,
             ]
         )
     text = _markdown(lines, right=range(2, 9))
+    notes = []
     if any(r.peak_is_pss for r in rows):
-        text += (
-            "\n\n\\* peak of the tree's summed PSS while it had forked children (pages shared "
+        notes.append(
+            "\\* peak of the tree's summed PSS while it had forked children (pages shared "
             "with the parent counted once); otherwise peak RSS is the server's VmHWM."
         )
-    return text
+    if any("other work" in r.note for r in rows):
+        notes.append(
+            "'other work N%': the server's CPU spent N% of the run on other processes; "
+            "its req/s and latency are unreliable, CPU µs/req less so."
+        )
+    if any(" runs " in r.note for r in rows):
+        notes.append(
+            "'N runs a–b µs': measured N times; the row is the run with the median CPU "
+            "per request, a–b the range."
+        )
+    return text + "".join("\n\n" + n for n in notes)
 
 
 def targets_table(targets: list[Target]) -> str:

@@ -273,7 +273,13 @@ class ServerProcess:
     """A benchmark server in its own session; :meth:`stop` kills its whole process group."""
 
     def __init__(
-        self, job: Job, root: str, cpus: list[int], log: IO[bytes], profile: str = ""
+        self,
+        job: Job,
+        root: str,
+        cpus: list[int],
+        log: IO[bytes],
+        profile: str = "",
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.job = job
         cmd = [
@@ -284,6 +290,7 @@ class ServerProcess:
             cmd += ["--cpus", ",".join(map(str, cpus))]
         if profile:
             cmd += ["--profile", profile]
+        cmd += extra
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
             start_new_session=True,
@@ -293,11 +300,16 @@ class ServerProcess:
         self.machine = ""
 
     def wait_ready(self, timeout: float = 30.0) -> None:
+        """Read the server's ``READY <port> <machine source>`` line (bounded)."""
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline().decode() if ready else ""
         if not line.startswith("READY"):
-            self.proc.wait(timeout=5) if self.proc.poll() is None and not ready else None
+            if ready:  # it wrote something else, or exited: let it finish dying
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
             raise BenchError(f"{self.job.server.label} did not start")
         _, port, self.machine = line.split()
         self.port = int(port)
@@ -429,7 +441,7 @@ class Bench:
             spread = [r.cpu_us for r in runs if r.cpu_us is not None]
             if spread:
                 best.note = (best.note + "; " if best.note else "") + (
-                    f"median of {len(runs)}, CPU {min(spread):.1f}–{max(spread):.1f} µs"
+                    f"{len(runs)} runs {min(spread):.1f}–{max(spread):.1f} µs"
                 )
         return best
 
@@ -469,7 +481,7 @@ class Bench:
         elif row.errors:
             notes.append(f"{row.errors} errors")
         if row.other_load is not None and row.other_load >= OTHER_LOAD_NOTE:
-            notes.append(f"server CPU {100 * row.other_load:.0f}% busy with other work")
+            notes.append(f"other work {100 * row.other_load:.0f}%")
         row.note = "; ".join(notes)
 
     def _loadgen(
@@ -620,8 +632,9 @@ class Bench:
         """Open ``n`` idle connections from a holder process; return it and the server's RSS
         growth per connection once it has accepted them all."""
         self.progress.update(f"opening {n} idle connections")
-        fds_before = proc.fd_count(server.pid)
-        rss_before = proc.tree_memory(server.pid)[1]
+        # connections of the previous step may still be closing: wait until they are gone
+        fds_before = _settled(lambda: proc.fd_count(server.pid), exact=True)
+        rss_before = _settled(lambda: proc.tree_memory(server.pid)[1])
         cmd = [
             sys.executable, "-m", "statemux.bench.loadgen", "idle",
             "--port", str(server.port), "--conns", str(n),
@@ -633,20 +646,63 @@ class Bench:
             start_new_session=True,
         )  # fmt: skip
         self._children.append(holder)
+        try:
+            self._wait_accepted(server, holder, n, fds_before)
+        except BaseException:
+            self._stop_child(holder)
+            raise
+        rss = _settled(lambda: proc.tree_memory(server.pid)[1])
+        return holder, (rss - rss_before) / n
+
+    def _wait_accepted(
+        self, server: ServerProcess, holder: subprocess.Popen[bytes], n: int, fds_before: int
+    ) -> None:
+        """Wait until the holder has connected ``n`` times and the server has accepted them
+        all; give up after 20 s without progress."""
         assert holder.stdout is not None
         ready, _, _ = select.select([holder.stdout], [], [], 120)
         line = holder.stdout.readline() if ready else b""
         if not line.startswith(b"{"):
-            self._stop_child(holder)
             raise BenchError(f"could not open {n} idle connections")
-        deadline = time.monotonic() + 60
-        while proc.fd_count(server.pid) < fds_before + n:
-            if time.monotonic() > deadline:
-                got = proc.fd_count(server.pid) - fds_before
+        last, stalled_since = -1, time.monotonic()
+        while (fds := proc.fd_count(server.pid)) < fds_before + n:
+            now = time.monotonic()
+            if fds > last:
+                last, stalled_since = fds, now
+            elif now - stalled_since > 20:
+                got = fds - fds_before
                 raise BenchError(f"the server accepted only {got} of {n} idle connections")
             time.sleep(0.05)  # allowed: polling another process's descriptor table
-        rss = _settled_rss(server.pid)
-        return holder, (rss - rss_before) / n
+
+    def memory_profile(self, kind: ServerKind, n: int, prefix: str) -> tuple[str, str]:
+        """Start ``kind`` (HTTP) with allocation tracing, snapshot it before and after ``n``
+        idle connections are accepted; return the two snapshot paths."""
+        job = Job(kind, "http", ())
+        server = ServerProcess(
+            job, self.root, self.server_cpus, self.log, extra=("--memory-snapshots", prefix)
+        )
+        holder = None
+        try:
+            server.wait_ready()
+            before = self._snapshot(server, prefix, 0)
+            holder, _ = self._open_idle(server, n)
+            after = self._snapshot(server, prefix, 1)
+            return before, after
+        finally:
+            if holder is not None:
+                self._stop_child(holder)
+            server.stop()
+
+    @staticmethod
+    def _snapshot(server: ServerProcess, prefix: str, number: int) -> str:
+        path = f"{prefix}-{number}.snap"
+        os.kill(server.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path):
+            if time.monotonic() > deadline or server.proc.poll() is not None:
+                raise BenchError("the server wrote no allocation snapshot")
+            time.sleep(0.05)  # allowed: waiting for another process to write a file
+        return path
 
     def _check_held(self, server: ServerProcess, held: int, row: Row) -> None:
         if held and row.note == "":
@@ -655,14 +711,15 @@ class Bench:
                 row.note = f"only {fds} descriptors open after the run; idle connections closed"
 
 
-def _settled_rss(pid: int, timeout: float = 3.0) -> int:
-    """The tree's RSS once two samples 0.1 s apart agree within 0.5 % (bounded)."""
-    last = proc.tree_memory(pid)[1]
+def _settled(sample: Callable[[], int], exact: bool = False, timeout: float = 10.0) -> int:
+    """``sample()`` once two readings 0.1 s apart agree (exactly, or within 0.5 %); bounded
+    by ``timeout`` (then the last reading)."""
+    last = sample()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        time.sleep(0.1)  # allowed: waiting for another process's memory to settle
-        now = proc.tree_memory(pid)[1]
-        if abs(now - last) <= 0.005 * max(now, 1):
+        time.sleep(0.1)  # allowed: waiting for another process to settle
+        now = sample()
+        if now == last or (not exact and abs(now - last) <= 0.005 * max(now, 1)):
             return now
         last = now
     return last

@@ -112,6 +112,23 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def _trace_memory(prefix: str) -> None:
+    """Trace allocations from now on; each SIGUSR1 writes the next snapshot, complete when it
+    appears under its final name ``PREFIX-N.snap``."""
+    import itertools
+    import tracemalloc
+
+    tracemalloc.start(1)
+    numbers = itertools.count()
+
+    def snapshot(signum: int, frame: Any) -> None:
+        path = f"{prefix}-{next(numbers)}.snap"
+        tracemalloc.take_snapshot().dump(path + ".part")
+        os.replace(path + ".part", path)
+
+    signal.signal(signal.SIGUSR1, snapshot)
+
+
 def _announce(port: int, source: str) -> None:
     sys.stdout.write(f"READY {port} {source}\n")
     sys.stdout.flush()
@@ -184,12 +201,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--machines", choices=("auto", "real", "fallback"), default="auto")
     parser.add_argument("--cpus", default="", help="comma-separated CPUs to run on")
     parser.add_argument(
+        "--memory-snapshots",
+        default="",
+        help="trace allocations; on SIGUSR1 write a tracemalloc snapshot to PREFIX-N.snap",
+    )
+    parser.add_argument(
         "--profile",
         default="",
         help="write cProfile stats of serving to this file (statemux and asyncio servers)",
     )
     args = parser.parse_args(argv)
 
+    if args.memory_snapshots:
+        _trace_memory(args.memory_snapshots)
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     nofile = raise_nofile()
