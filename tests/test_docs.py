@@ -58,8 +58,10 @@ def test_readme_example_serves_a_client() -> None:
             thread.join(5)
 
     code = block.replace('("127.0.0.1", 7000)', '("127.0.0.1", 0)')
-    code = code.replace("from statemux import Frame, Line, Machine, MultiplexingTCPServer, State",
-                        "from statemux import Frame, Line, Machine, State")
+    code = code.replace(
+        "from statemux import Frame, Line, Machine, MultiplexingTCPServer, State",
+        "from statemux import Frame, Line, Machine, State",
+    )
     exec(compile(code, "README.md", "exec"), {"MultiplexingTCPServer": OneShotServer})
     assert replies == [b"QUIET PLEASE\n"]
 
@@ -76,7 +78,9 @@ def test_machine_page_diagrams_are_up_to_date(name: str) -> None:
     machines = [
         obj
         for obj in vars(module).values()
-        if isinstance(obj, type) and issubclass(obj, statemux.Machine) and getattr(obj, "spec", None)
+        if isinstance(obj, type)
+        and issubclass(obj, statemux.Machine)
+        and getattr(obj, "spec", None)
         and obj.__module__ == module.__name__
     ]
     generated = {to_mermaid(cls) for cls in machines}
@@ -88,4 +92,6 @@ def test_machine_page_diagrams_are_up_to_date(name: str) -> None:
             f"`statemux diagram {name} --format mermaid`"
         )
     # and every machine the module defines is drawn
-    assert generated <= set(blocks), f"docs/machines/{name}.md lacks a diagram of one of its machines"
+    assert generated <= set(blocks), (
+        f"docs/machines/{name}.md lacks a diagram of one of its machines"
+    )

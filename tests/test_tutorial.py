@@ -138,5 +138,7 @@ def test_the_tutorial_page_shows_what_the_code_does() -> None:
     page = (EXAMPLES.parent / "tutorial.md").read_text()
     (diagram,) = re.findall(r"```mermaid\n(.*?)```", page, re.S)
     assert diagram == to_mermaid(tally_machine.Tally)
-    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "Simulator(Tally)" in b]
+    (snippet,) = [
+        b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "Simulator(Tally)" in b
+    ]
     exec(compile(snippet, "tutorial.md", "exec"), {"Tally": tally_machine.Tally})

@@ -99,7 +99,7 @@ class Stats:
         """``(machine, from state, event, to state) -> times taken``."""
         out: Counter[tuple[str, str, str, str]] = Counter()
         for spec, counts in self._edges.items():
-            for edge, n in zip(spec.edges, counts):
+            for edge, n in zip(spec.edges, counts, strict=True):
                 if n:
                     out[(spec.name, edge.source, edge.event, edge.target)] += n
         return out
@@ -107,7 +107,11 @@ class Stats:
     def untaken(self, spec: Spec, *, explicit_only: bool = True) -> list[Edge]:
         """Edges of ``spec`` never taken on this server (coverage)."""
         counts = self._edges.get(spec, [0] * len(spec.edges))
-        return [e for e, n in zip(spec.edges, counts) if not n and not (explicit_only and e.implicit)]
+        return [
+            e
+            for e, n in zip(spec.edges, counts, strict=True)
+            if not n and not (explicit_only and e.implicit)
+        ]
 
 
 class Connection(ReceiveBuffer):

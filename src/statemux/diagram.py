@@ -42,12 +42,16 @@ def to_mermaid(machine: Any, *, implicit: bool = True) -> str:
     spec = spec_of(machine)
     lines = ["stateDiagram-v2", f"    [*] --> {spec.initial.name}"]
     for st in spec.states.values():
-        desc = st.framing.describe() if st.framing is not None else ("final" if st.final else "no input")
+        desc = (
+            st.framing.describe()
+            if st.framing is not None
+            else ("final" if st.final else "no input")
+        )
         if st.timeout is not None:
             desc += f", timeout {st.timeout:g}s"
         lines.append(f"    {st.name} : {st.name} — {desc}")
     has_closed = False
-    for (src, dst, imp), labels in _merged(spec, implicit).items():
+    for (src, dst, _implicit), labels in _merged(spec, implicit).items():
         target = CLOSED if dst == CLOSED else dst
         has_closed |= dst == CLOSED
         lines.append(f"    {src} --> {target} : {', '.join(labels)}")
@@ -65,22 +69,30 @@ def _dot_id(name: str) -> str:
 
 def to_dot(machine: Any, *, implicit: bool = True) -> str:
     spec = spec_of(machine)
-    lines = [f"digraph {_dot_id(spec.name)} {{", "    rankdir=LR;", '    node [shape=box, style=rounded];']
+    lines = [
+        f"digraph {_dot_id(spec.name)} {{",
+        "    rankdir=LR;",
+        "    node [shape=box, style=rounded];",
+    ]
     lines.append('    "__start" [shape=point];')
-    lines.append(f"    \"__start\" -> {_dot_id(spec.initial.name)};")
+    lines.append(f'    "__start" -> {_dot_id(spec.initial.name)};')
     for st in spec.states.values():
-        desc = st.framing.describe() if st.framing is not None else ("final" if st.final else "no input")
+        desc = (
+            st.framing.describe()
+            if st.framing is not None
+            else ("final" if st.final else "no input")
+        )
         if st.timeout is not None:
             desc += f"\\ntimeout {st.timeout:g}s"
         shape = ", peripheries=2" if st.final else ""
-        lines.append(f"    {_dot_id(st.name)} [label=\"{st.name}\\n{desc}\"{shape}];")
+        lines.append(f'    {_dot_id(st.name)} [label="{st.name}\\n{desc}"{shape}];')
     merged = _merged(spec, implicit)
     if any(dst == CLOSED for _, dst, _ in merged):
         lines.append(f"    {_dot_id(CLOSED)} [shape=doublecircle];")
     for (src, dst, imp), labels in merged.items():
         style = ", style=dashed" if imp else ""
         label = "\\n".join(labels).replace('"', '\\"')
-        lines.append(f"    {_dot_id(src)} -> {_dot_id(dst)} [label=\"{label}\"{style}];")
+        lines.append(f'    {_dot_id(src)} -> {_dot_id(dst)} [label="{label}"{style}];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -94,9 +106,15 @@ def to_table(machine: Any, *, implicit: bool = True) -> str:
         rows.append(f"| {e.source} | {e.event} | {e.handler or '(implicit)'} | {e.target} |")
     states = ["| state | waits for | timeout | notes |", "| --- | --- | --- | --- |"]
     for st in spec.states.values():
-        desc = st.framing.describe() if st.framing is not None else ("— (final)" if st.final else "nothing (not reading)")
+        desc = (
+            st.framing.describe()
+            if st.framing is not None
+            else ("— (final)" if st.final else "nothing (not reading)")
+        )
         notes = ("initial. " if st.initial else "") + (st.doc or "")
-        states.append(f"| {st.name} | {desc} | {'' if st.timeout is None else f'{st.timeout:g} s'} | {notes.strip()} |")
+        states.append(
+            f"| {st.name} | {desc} | {'' if st.timeout is None else f'{st.timeout:g} s'} | {notes.strip()} |"
+        )
     return "\n".join(states) + "\n\n" + "\n".join(rows) + "\n"
 
 
@@ -107,5 +125,7 @@ def render(machine: Any, fmt: str = "mermaid") -> str:
     try:
         fn = FORMATS[fmt]
     except KeyError:
-        raise ValueError(f"unknown diagram format {fmt!r}; choose from {', '.join(FORMATS)}") from None
+        raise ValueError(
+            f"unknown diagram format {fmt!r}; choose from {', '.join(FORMATS)}"
+        ) from None
     return fn(machine)

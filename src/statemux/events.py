@@ -85,7 +85,9 @@ class FrameTooLong(Exception):
     The message names the limit and its value, e.g. ``line longer than 65536 bytes``.
     """
 
-    def __init__(self, what: str, limit: int, size: int | None = None, *, consumed: bool = False) -> None:
+    def __init__(
+        self, what: str, limit: int, size: int | None = None, *, consumed: bool = False
+    ) -> None:
         self.what = what
         self.limit = limit
         self.size = size

@@ -153,7 +153,11 @@ class Line(Framing):
         return True
 
     def describe(self) -> str:
-        return f"line ≤ {self.max_length} B" if isinstance(self.max_length, int) else f"line ≤ {self.max_length}"
+        return (
+            f"line ≤ {self.max_length} B"
+            if isinstance(self.max_length, int)
+            else f"line ≤ {self.max_length}"
+        )
 
 
 class Exact(Framing):

@@ -68,7 +68,9 @@ class MachineHostMixIn:
     tracer: Tracer | None = None
     RequestHandlerClass: Any
 
-    def _init_host(self, factory: Any, tracer: Tracer | None, hub: Hub | None, limits: dict[str, Any]) -> None:
+    def _init_host(
+        self, factory: Any, tracer: Tracer | None, hub: Hub | None, limits: dict[str, Any]
+    ) -> None:
         self.limits = type(self).limits.evolve(**limits) if limits else type(self).limits
         if tracer is not None:
             self.tracer = tracer
@@ -107,7 +109,9 @@ class MachineHostMixIn:
         the server goes on.
         """
         exc = sys.exc_info()[1]
-        log.error("error while handling a connection from %s: %r", client_address, exc, exc_info=True)
+        log.error(
+            "error while handling a connection from %s: %r", client_address, exc, exc_info=True
+        )
 
     def _snapshot(self, conns: Any) -> list[ConnectionInfo]:
         now = time.monotonic()

@@ -51,7 +51,11 @@ class Hub:
                     del self._topics[topic]
 
     def publish(
-        self, topic: str, payload: object, sender: Subscriber | None = None, include_sender: bool = False
+        self,
+        topic: str,
+        payload: object,
+        sender: Subscriber | None = None,
+        include_sender: bool = False,
     ) -> int:
         with self._lock:
             subs = list(self._topics.get(topic, ()))

@@ -16,12 +16,11 @@ reply rather than a reset.
 from __future__ import annotations
 
 import errno
-from collections import deque
 import selectors
 import socket
-import socketserver
 import struct
 import sys
+from collections import deque
 from typing import Any
 
 from .connection import Connection, Tracer
@@ -50,7 +49,9 @@ class StreamConnection(Connection):
 
     __slots__ = ("sock", "fd", "wbuf", "mask", "lingering", "linger_left", "linger_timer")
 
-    def __init__(self, server: MultiplexingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int) -> None:
+    def __init__(
+        self, server: MultiplexingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.wbuf: bytes | bytearray = b""  # a bytearray only while output is buffered
@@ -186,7 +187,9 @@ class StreamConnection(Connection):
             return
         self.lingering = True
         self.linger_left = self.server.limits.linger_bytes
-        self.linger_timer = self.server.loop.call_later(self.server.limits.linger_timeout, self.finish)
+        self.linger_timer = self.server.loop.call_later(
+            self.server.limits.linger_timeout, self.finish
+        )
         self._update_interest()
 
     def _linger_read(self, data: bytes) -> None:
@@ -225,7 +228,9 @@ class DatagramSession(Connection):
 
     __slots__ = ("sock",)
 
-    def __init__(self, server: MultiplexingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int) -> None:
+    def __init__(
+        self, server: MultiplexingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int
+    ) -> None:
         self.sock = sock
         super().__init__(server, machine, cid, peer)
 
@@ -473,7 +478,9 @@ class MultiplexingMixIn(MachineHostMixIn):
         self._accept_paused = True
         self._stop_accepting()
         assert self.loop is not None
-        self._accept_timer = self.loop.call_later(self.limits.accept_retry_delay, self._resume_accepting)
+        self._accept_timer = self.loop.call_later(
+            self.limits.accept_retry_delay, self._resume_accepting
+        )
 
     def _resume_accepting(self) -> None:
         if self._accept_timer is not None:
@@ -581,7 +588,9 @@ class MultiplexingMixIn(MachineHostMixIn):
     def _send_datagram(self, data: bytes, address: Any) -> None:
         if not address:
             self.replies_unroutable += 1
-            log.warning("reply of %d bytes dropped: the peer sent from an unbound socket", len(data))
+            log.warning(
+                "reply of %d bytes dropped: the peer sent from an unbound socket", len(data)
+            )
             return
         queue = self._dgram_queues.get(address)
         if queue:
@@ -603,13 +612,17 @@ class MultiplexingMixIn(MachineHostMixIn):
                 self._dgram_drop_logged = now
                 log.warning(
                     "datagram_queue (%d) full: reply to %s dropped (%d dropped so far)",
-                    self.limits.datagram_queue, address, self.datagrams_dropped,
+                    self.limits.datagram_queue,
+                    address,
+                    self.datagrams_dropped,
                 )
             return
         self._dgram_queues.setdefault(address, deque()).append(data)
         self._dgram_queued += 1
         if self._dgram_retry is None and self.loop is not None:
-            self._dgram_retry = self.loop.call_later(self.datagram_retry_interval, self._flush_datagrams)
+            self._dgram_retry = self.loop.call_later(
+                self.datagram_retry_interval, self._flush_datagrams
+            )
 
     def _flush_datagrams(self) -> None:
         self._dgram_retry = None
@@ -627,7 +640,9 @@ class MultiplexingMixIn(MachineHostMixIn):
             if not queue:
                 del self._dgram_queues[address]
         if self._dgram_queues and self.loop is not None:
-            self._dgram_retry = self.loop.call_later(self.datagram_retry_interval, self._flush_datagrams)
+            self._dgram_retry = self.loop.call_later(
+                self.datagram_retry_interval, self._flush_datagrams
+            )
 
     # -- drain and introspection ----------------------------------------------------------------------
     def _begin_drain(self) -> None:

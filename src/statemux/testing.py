@@ -144,7 +144,9 @@ class SimConnection(Connection):
             return
         if after > limits.output_high_water:
             self.pause()
-        elif before > limits.output_low_water >= after or (self.paused and after <= limits.output_low_water):
+        elif before > limits.output_low_water >= after or (
+            self.paused and after <= limits.output_low_water
+        ):
             self.writable_again()
 
     def _buffered(self) -> int:
@@ -254,12 +256,18 @@ def random_chunkings(data: bytes, count: int = 20, seed: int = 0) -> Iterator[li
     """``count`` random cuttings of ``data`` (deterministic for a seed)."""
     rng = random.Random(seed)
     for _ in range(count):
-        cuts = sorted(rng.sample(range(1, len(data)), k=min(len(data) - 1, rng.randint(1, 8)))) if len(data) > 1 else []
+        cuts = (
+            sorted(rng.sample(range(1, len(data)), k=min(len(data) - 1, rng.randint(1, 8))))
+            if len(data) > 1
+            else []
+        )
         bounds = [0, *cuts, len(data)]
-        yield [data[a:b] for a, b in zip(bounds, bounds[1:])]
+        yield [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def transcript(factory: Callable[[], Machine], chunks: list[bytes], *, eof: bool = False, **kw: Any) -> tuple[bytes, SimConnection]:
+def transcript(
+    factory: Callable[[], Machine], chunks: list[bytes], *, eof: bool = False, **kw: Any
+) -> tuple[bytes, SimConnection]:
     """Feed ``chunks`` to a fresh connection; return everything it replied and the connection."""
     sim = Simulator(factory, **kw)
     conn = sim.connect()

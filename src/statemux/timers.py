@@ -20,7 +20,12 @@ class Timer:
     __slots__ = ("when", "seq", "callback", "args", "cancelled", "queue")
 
     def __init__(
-        self, when: float, seq: int, callback: Callable[..., Any], args: tuple[Any, ...], queue: TimerQueue
+        self,
+        when: float,
+        seq: int,
+        callback: Callable[..., Any],
+        args: tuple[Any, ...],
+        queue: TimerQueue,
     ) -> None:
         self.when = when
         self.seq = seq
