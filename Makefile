@@ -21,10 +21,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m statemux bench
 
+docs: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src statemachines tests
 	$(VENV)/bin/ruff format --check src statemachines tests
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist .statemux-admin.sock *.egg-info src/*.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
