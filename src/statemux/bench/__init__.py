@@ -416,8 +416,9 @@ def _render(
             title = f"{server}, {report.WORKLOAD_TITLES[workload]}, 50 connections:"
             out += [title, "", report._markdown(lines, right=range(3)), ""]
     if memory:
+        if out[-1]:
+            out.append("")
         out += [
-            "",
             "### Where an idle connection's memory goes",
             "",
             "tracemalloc, Python allocations per idle HTTP connection by allocation site",

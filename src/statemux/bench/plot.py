@@ -28,7 +28,7 @@ def plot(rows: list[Row], paths: list[str], title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     http = [r for r in rows if r.workload == "http" and r.rps is not None and r.conns]
     # Categories in order of active connections, then idle held.
@@ -58,10 +58,9 @@ def plot(rows: list[Row], paths: list[str], title: str = "") -> None:
         if logy:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, alpha=0.3)
-    if servers:
-        axes[0][0].legend(fontsize=8)
+    handles, legend_labels = axes[0][0].get_legend_handles_labels()
 
     ax = axes[1][1]
     resp = [r for r in rows if r.workload.startswith("resp") and r.cpu_us]
@@ -82,7 +81,10 @@ def plot(rows: list[Row], paths: list[str], title: str = "") -> None:
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    # one legend for the three HTTP panels, below them all, so it hides no point
+    if handles:
+        fig.legend(handles, legend_labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 1))
     for path in paths:
         fig.savefig(path, dpi=110)
     plt.close(fig)

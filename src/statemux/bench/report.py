@@ -63,8 +63,8 @@ def _ratio_target(
     ratio = va / vb
     ok = ratio <= limit if at_most else ratio >= limit
     sign = "≤" if at_most else "≥"
-    unit = "µs" if attr == "cpu_us" else "req/s"
-    detail = f"{va:,.1f} vs {vb:,.1f} {unit}: {ratio:.2f}× (target {sign} {limit:g}×)"
+    unit, spec = ("µs", ",.1f") if attr == "cpu_us" else ("req/s", ",.0f")
+    detail = f"{va:{spec}} vs {vb:{spec}} {unit}: {ratio:.2f}× (target {sign} {limit:g}×)"
     return Target(
         name, text, "reached" if ok else "not reached", ratio, detail, "" if ok else profile
     )
