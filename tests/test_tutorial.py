@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import select
 import signal
 import socket
 import socketserver
@@ -47,6 +48,7 @@ def running(server: socketserver.BaseServer) -> Iterator[tuple[str, int]]:
 def served_by_a_child(server: socketserver.BaseServer) -> Iterator[tuple[str, int]]:
     pid = os.fork()
     if pid == 0:  # the server process: serve until told to stop, reaping its own children
+        os.setpgid(0, 0)  # its children join its group, so teardown can always end them all
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
         try:
             server.serve_forever(0.05)
@@ -58,7 +60,18 @@ def served_by_a_child(server: socketserver.BaseServer) -> Iterator[tuple[str, in
         yield server.server_address  # type: ignore[misc]
     finally:
         os.kill(pid, signal.SIGTERM)
+        pidfd = os.pidfd_open(pid)
+        try:
+            exited, _, _ = select.select([pidfd], [], [], 10)
+        finally:
+            os.close(pidfd)
+        if not exited:  # a stuck child must not outlive the test (it holds pytest's output)
+            os.killpg(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        try:
+            os.killpg(pid, signal.SIGKILL)  # any of its children still around
+        except ProcessLookupError:
+            pass
 
 
 def ask(sock: socket.socket, line: bytes) -> bytes:

@@ -331,31 +331,36 @@ class Connection(ReceiveBuffer):
             framing = st.framing
             if framing is None:
                 break
-            if not budget:
-                if rbuf.data or self.eof:
-                    self._schedule_resume()
+            if not rbuf.data and not framing.cuts_empty:
+                frame = None  # nothing to cut: don't ask
+            elif not budget:
+                self._schedule_resume()
                 break
-            try:
-                frame = framing.cut(rbuf, machine)
-            except FrameTooLong as exc:
-                self._dispatch(FrameTooLong, exc)
-                if self.closing is not None:
+            else:
+                try:
+                    frame = framing.cut(rbuf, machine)
+                except FrameTooLong as exc:
+                    self._dispatch(FrameTooLong, exc)
+                    if self.closing is not None:
+                        break
+                    if exc.consumed:
+                        continue  # the offending frame is gone; the bytes after it are intact
+                    rbuf.data.clear()
+                    rbuf.scan = 0
                     break
-                if exc.consumed:
-                    continue  # the offending frame is gone; the bytes after it are intact
-                rbuf.data.clear()
-                rbuf.scan = 0
-                break
-            except ProtocolError as exc:
-                self._dispatch(ProtocolError, exc)
-                break
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # a bug in a cutter: this connection only
-                self._failed(st, Frame, len(out), exc)
-                break
+                except ProtocolError as exc:
+                    self._dispatch(ProtocolError, exc)
+                    break
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:  # a bug in a cutter: this connection only
+                    self._failed(st, Frame, len(out), exc)
+                    break
             if frame is None:
                 if self.eof:
+                    if not budget:
+                        self._schedule_resume()
+                        break
                     self._dispatch(PeerClosed, PeerClosed(bytes(rbuf.data)))
                     if self.closing is None:
                         self.close(CloseReason.PEER_CLOSED)
@@ -372,9 +377,9 @@ class Connection(ReceiveBuffer):
                 self._failed(st, Frame, mark, exc)
                 budget -= 1
                 continue
-            entry = handler.default if ret is None else None
+            entry = handler.default if ret is None else handler.targets.get(ret)
             if entry is not None and entry[0] is st and self.tracer is None:
-                counts[entry[1]] += 1  # a self-transition: nothing else to do
+                counts[entry[1]] += 1  # staying in the same state: nothing else to do
                 if self.effects:
                     self._apply_effects()
             else:
@@ -533,7 +538,7 @@ class Connection(ReceiveBuffer):
                 self._transmit(data)
                 # A producer that just sent a piece gets Drained as soon as the transport
                 # can take more; one that sent nothing is not called again (no busy loop).
-                if Drained in self.state.handlers:
+                if self.state.produces:
                     self._schedule_drained()
 
     def _schedule_drained(self) -> None:

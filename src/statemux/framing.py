@@ -64,6 +64,9 @@ class Framing:
     """
 
     max_size: int = DEFAULT_MAX_LINE
+    #: whether ``cut`` can return a frame from an empty buffer (``Exact`` with n = 0 can);
+    #: when False the runner skips the call while nothing is buffered
+    cuts_empty: bool = False
 
     def cut(self, buffer: ReceiveBuffer, machine: Any) -> Any:
         """Return the next complete frame, or ``None`` if more bytes are needed."""
@@ -165,6 +168,7 @@ class Exact(Framing):
     previous handler set (e.g. a length prefix). ``n`` above ``max_size`` → FrameTooLong."""
 
     __slots__ = ("n", "max_size")
+    cuts_empty = True
 
     def __init__(self, n: int | str, max_size: int = 1024 * 1024) -> None:
         self.n = n

@@ -20,6 +20,7 @@ One loop can host several servers (a TCP and a Unix listener in one thread)::
 
 from __future__ import annotations
 
+import select
 import selectors
 import socket
 import threading
@@ -33,7 +34,139 @@ from .timers import Timer, TimerQueue
 if TYPE_CHECKING:
     from .multiplex import MultiplexingMixIn
 
-__all__ = ["Loop"]
+__all__ = ["Loop", "Poller", "EpollPoller", "SelectorPoller"]
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+
+def _fd(fileobj: Any) -> int:
+    return fileobj if isinstance(fileobj, int) else fileobj.fileno()
+
+
+class Poller:
+    """What the loop needs of a readiness API: ``register``/``modify``/``unregister`` a file
+    (or fd) with ``EVENT_READ``/``EVENT_WRITE`` and a callback, ``poll(timeout)`` returning
+    ``(callback, mask)`` pairs, ``close()``. The same calls as a ``selectors`` selector."""
+
+    def register(self, fileobj: Any, events: int, data: Callable[[int], Any]) -> None:
+        raise NotImplementedError
+
+    def modify(self, fileobj: Any, events: int, data: Callable[[int], Any]) -> None:
+        raise NotImplementedError
+
+    def unregister(self, fileobj: Any) -> None:
+        raise NotImplementedError
+
+    def poll(self, timeout: float | None) -> list[tuple[Callable[[int], Any], int]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class EpollPoller(Poller):
+    """``select.epoll`` with a plain ``{fd: callback}`` table: no ``SelectorKey`` per
+    registration and no per-event translation layer — per connection and per event, that is
+    memory and time the loop does not spend."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callable[[int], Any]] = {}
+        self._masks: dict[int, int] = {}
+
+    @staticmethod
+    def _to_epoll(events: int) -> int:
+        flags = 0
+        if events & EVENT_READ:
+            flags |= select.EPOLLIN
+        if events & EVENT_WRITE:
+            flags |= select.EPOLLOUT
+        return flags
+
+    def register(self, fileobj: Any, events: int, data: Callable[[int], Any]) -> None:
+        fd = _fd(fileobj)
+        if fd in self._callbacks:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
+        self._epoll.register(fd, self._to_epoll(events))
+        self._callbacks[fd] = data
+
+    def modify(self, fileobj: Any, events: int, data: Callable[[int], Any]) -> None:
+        fd = _fd(fileobj)
+        if fd not in self._callbacks:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is not registered")
+        self._epoll.modify(fd, self._to_epoll(events))
+        self._callbacks[fd] = data
+
+    def unregister(self, fileobj: Any) -> None:
+        fd = _fd(fileobj)
+        del self._callbacks[fd]  # KeyError if not registered, as selectors does
+        try:
+            self._epoll.unregister(fd)
+        except OSError:  # already closed: the kernel forgot it
+            pass
+
+    def poll(self, timeout: float | None) -> list[tuple[Callable[[int], Any], int]]:
+        if timeout is None:
+            timeout = -1
+        elif timeout < 0:
+            timeout = 0
+        try:
+            ready = self._epoll.poll(timeout, max(len(self._callbacks), 1))
+        except InterruptedError:
+            return []
+        callbacks = self._callbacks
+        masks = self._masks
+        out = []
+        for fd, flags in ready:
+            callback = callbacks.get(fd)
+            if callback is None:
+                continue
+            mask = masks.get(flags)
+            if mask is None:  # errors and hang-ups wake both directions, as in selectors
+                mask = 0
+                if flags & ~select.EPOLLIN:
+                    mask |= EVENT_WRITE
+                if flags & ~select.EPOLLOUT:
+                    mask |= EVENT_READ
+                masks[flags] = mask
+            out.append((callback, mask))
+        return out
+
+    def close(self) -> None:
+        self._epoll.close()
+        self._callbacks.clear()
+
+
+class SelectorPoller(Poller):
+    """Any ``selectors`` selector (kqueue, poll, select) behind the :class:`Poller` calls."""
+
+    def __init__(self, selector: selectors.BaseSelector | Poller | None = None) -> None:
+        if isinstance(selector, Poller):
+            poller: Poller = selector
+        elif selector is not None:
+            poller = SelectorPoller(selector)
+        elif hasattr(select, "epoll"):
+            poller = EpollPoller()
+        else:
+            poller = SelectorPoller()
+        #: the readiness API; ``register``/``modify``/``unregister`` as with ``selectors``
+        self.selector = poller
+
+    def register(self, fileobj: Any, events: int, data: Callable[[int], Any]) -> None:
+        self.selector.register(fileobj, events, data)
+
+    def modify(self, fileobj: Any, events: int, data: Callable[[int], Any]) -> None:
+        self.selector.modify(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> None:
+        self.selector.unregister(fileobj)
+
+    def poll(self, timeout: float | None) -> list[tuple[Callable[[int], Any], int]]:
+        return [(key.data, mask) for key, mask in self.selector.select(timeout)]
+
+    def close(self) -> None:
+        self.selector.close()
 
 
 class Loop:
@@ -44,8 +177,17 @@ class Loop:
     :meth:`call_soon_threadsafe` (any thread).
     """
 
-    def __init__(self, selector: selectors.BaseSelector | None = None) -> None:
-        self.selector = selector if selector is not None else selectors.DefaultSelector()
+    def __init__(self, selector: selectors.BaseSelector | Poller | None = None) -> None:
+        if isinstance(selector, Poller):
+            poller: Poller = selector
+        elif selector is not None:
+            poller = SelectorPoller(selector)
+        elif hasattr(select, "epoll"):
+            poller = EpollPoller()
+        else:
+            poller = SelectorPoller()
+        #: the readiness API; ``register``/``modify``/``unregister`` as with ``selectors``
+        self.selector = poller
         self.timers = TimerQueue()
         self.ready: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._threadsafe: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
@@ -53,7 +195,8 @@ class Loop:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self._wake_callback = self._on_wake  # one bound method, compared by identity
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._wake_callback)
         self._stop = False
         self._running = False
         self._thread: threading.Thread | None = None
@@ -122,12 +265,12 @@ class Loop:
                 wait = deadline - time.monotonic()
                 wait = wait if wait > 0 else 0
                 timeout = wait if timeout is None or wait < timeout else timeout
-        events = self.selector.select(timeout)
-        activity = 0
-        for key, mask in events:
-            callback = key.data
-            if callback is not self._on_wake:
-                activity += 1
+        events = self.selector.poll(timeout)
+        activity = len(events)
+        on_wake = self._wake_callback
+        for callback, mask in events:
+            if callback is on_wake:
+                activity -= 1
             callback(mask)
         if self.timers._heap:
             activity += self.timers.run_due(time.monotonic())

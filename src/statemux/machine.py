@@ -177,7 +177,7 @@ class CompiledState:
 
     __slots__ = (
         "name", "framing", "timeout", "initial", "final", "doc", "handlers", "implicit",
-        "frame_handler",
+        "frame_handler", "produces",
     )  # fmt: skip
 
     def __init__(self, decl: State) -> None:
@@ -192,6 +192,8 @@ class CompiledState:
         self.implicit: dict[type, int] = {}
         #: ``handlers[Frame]``, kept apart for the runner's per-frame fast path
         self.frame_handler: CompiledHandler | None = None
+        #: the state handles ``Drained`` (a producer), kept apart for the same reason
+        self.produces = False
 
     def __repr__(self) -> str:
         return f"<CompiledState {self.name}>"
@@ -321,6 +323,8 @@ def build_spec(cls: type) -> Spec | None:
             cs.handlers[hd.event] = ch
             if hd.event is Frame:
                 cs.frame_handler = ch
+            elif hd.event is Drained:
+                cs.produces = True
         if decl.framing is not None and Frame not in cs.handlers:
             fail(f"state '{name}' reads {decl.framing.describe()} but has no Frame handler")
         if decl.framing is None and Frame in cs.handlers:
