@@ -138,7 +138,7 @@ class Connection(ReceiveBuffer):
         self.state: CompiledState = spec.initial
         self.cid = cid
         self.peer = peer
-        self.data = bytearray()
+        self.data: bytes | bytearray = b""  # a bytearray only while bytes are buffered
         self.scan = 0
         self.skipping = False
         self.out: list[bytes] = []
@@ -205,7 +205,7 @@ class Connection(ReceiveBuffer):
         """The connection is open: arm timers, deliver ``Opened``, flush."""
         st = self.state
         if st.timeout is not None:
-            self.state_timer = self.host.call_later(st.timeout, self._state_timed_out, st)
+            self.state_timer = self.host.call_later(st.timeout, Connection._state_timed_out, self, st)
         idle = self.idle_limit()
         if idle is not None and not getattr(self.host, "sweeps_idle", False):
             self.idle_timer = self.host.call_later(idle, self._idle_check)
@@ -219,7 +219,11 @@ class Connection(ReceiveBuffer):
         self.last_active = self.host.time()
         if self.closing is not None:
             return
-        self.rbuf.data += data
+        buffered = self.data
+        if buffered:
+            buffered += data  # type: ignore[operator]  # in place: a non-empty buffer is a bytearray
+        else:
+            self.data = bytearray(data)
         self._process()
 
     def receive_eof(self) -> None:
@@ -345,7 +349,7 @@ class Connection(ReceiveBuffer):
                         break
                     if exc.consumed:
                         continue  # the offending frame is gone; the bytes after it are intact
-                    rbuf.data.clear()
+                    rbuf.data = b""
                     rbuf.scan = 0
                     break
                 except ProtocolError as exc:
@@ -387,6 +391,8 @@ class Connection(ReceiveBuffer):
             budget -= 1
         # EOF met in a state that reads nothing (say, while streaming a file) waits until
         # the machine reads again: PeerClosed always comes after every buffered frame.
+        if not rbuf.data:
+            rbuf.data = b""  # an idle connection holds no buffer object
         self._settle()
 
     def _dispatch(self, etype: type, event: Any) -> None:
@@ -468,7 +474,7 @@ class Connection(ReceiveBuffer):
             self.close(CloseReason.NORMAL)
             return
         if new.timeout is not None:
-            self.state_timer = self.host.call_later(new.timeout, self._state_timed_out, new)
+            self.state_timer = self.host.call_later(new.timeout, Connection._state_timed_out, self, new)
         if Drained in new.handlers:
             self._schedule_drained()  # a producer state gets its first Drained unasked
         if (old.framing is None) != (new.framing is None):

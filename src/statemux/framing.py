@@ -28,7 +28,9 @@ DEFAULT_MAX_LINE = 64 * 1024
 class ReceiveBuffer:
     """Bytes received but not yet cut into frames.
 
-    ``data`` is a bytearray (deleting from its front is cheap in CPython); ``scan`` is how far a
+    ``data`` is a bytearray (deleting from its front is cheap in CPython) whenever it holds
+    bytes — an empty buffer may be ``b""``, and framings are not asked to cut one (unless they
+    set ``cuts_empty``); ``scan`` is how far a
     framing has already searched without finding the end of a frame; ``skipping`` is set by
     :class:`Line` while it discards the rest of an over-long line.
     """
@@ -47,7 +49,8 @@ class ReceiveBuffer:
         """Remove and return the first ``n`` bytes, then discard ``skip`` more (a delimiter)."""
         data = self.data
         frame = bytes(data[:n])
-        del data[: n + skip]
+        if n or skip:
+            del data[: n + skip]
         self.scan = 0
         return frame
 
