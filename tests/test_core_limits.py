@@ -42,6 +42,7 @@ DEFAULTS = {
     "max_connections": 10_000,
     "idle_timeout": 300.0,
     "drain_timeout": 5.0,
+    "flush_timeout": 30.0,
     "linger_timeout": 2.0,
     "linger_bytes": 1024 * 1024,
     "accepts_per_event": 64,
@@ -280,3 +281,50 @@ def test_session_timeout_expires_a_quiet_datagram_session() -> None:
         assert closed.wait() == [CloseReason.IDLE]
         sock.sendto(b"again", addr)  # a new session for the same peer
         assert sock.recvfrom(100)[0] == b"again"
+
+
+@attrs.define
+class SendsALotThenCloses(Machine):
+    """On any line: queue far more than a small socket buffer holds, then close."""
+
+    closed: Closed
+    reading = State(Line(), initial=True)
+
+    @reading.on(Frame, to=reading)
+    def flood(self, line: bytes) -> None:
+        self.send(b"x" * (8 * 1024 * 1024))
+        self.close()
+
+    def on_closed(self, reason: CloseReason) -> None:
+        self.closed.add(reason)
+
+
+def test_flush_timeout_cuts_off_a_peer_that_stops_reading_during_a_graceful_close() -> None:
+    closed = Closed()
+    gone = threading.Event()
+
+    class Server(MultiplexingTCPServer):
+        def _forget(self, conn: Any) -> None:  # the connection has left the table
+            super()._forget(conn)
+            gone.set()
+
+    server = Server(
+        ("127.0.0.1", 0),
+        functools.partial(SendsALotThenCloses, closed),
+        flush_timeout=0.3,
+        output_limit=64 * 1024 * 1024,
+    )
+    with serving(server) as addr:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(WAIT)
+        sock.connect(addr)
+        sock.sendall(b"go\n")  # and never read: the close cannot finish on its own
+        assert gone.wait(WAIT)  # (read nothing until the server gave up on us)
+        assert closed.wait() == [CloseReason.SLOW_CONSUMER]
+        with pytest.raises(ConnectionResetError):  # the reply was cut short: a reset
+            while sock.recv(1 << 20):
+                pass
+        assert server.stats.close_reasons[CloseReason.SLOW_CONSUMER] == 1
+        assert server.connections == []
+        sock.close()

@@ -124,7 +124,7 @@ class Connection(ReceiveBuffer):
     __slots__ = (
         "host", "machine", "spec", "state", "cid", "peer", "out", "effects", "counts",
         "tracer", "closing", "closed", "eof", "paused", "state_timer", "timers", "inbox",
-        "inbox_scheduled", "resume_scheduled", "drain_scheduled", "topics", "opened_at",
+        "inbox_scheduled", "resume_scheduled", "drain_scheduled", "topics", "opened_at", "notified",
         "last_active", "idle_timer", "bytes_in", "bytes_out", "__weakref__",
     )  # fmt: skip
 
@@ -147,6 +147,7 @@ class Connection(ReceiveBuffer):
         self.tracer = host.tracer
         self.closing: CloseReason | None = None
         self.closed = False
+        self.notified = False  # on_closed has been called
         self.eof = False
         self.paused = False
         self.state_timer: TimerHandle | None = None
@@ -183,6 +184,10 @@ class Connection(ReceiveBuffer):
     def _release(self) -> None:
         pass
 
+    #: stream drivers hand all output of one read to the transport as one piece; datagram
+    #: sessions set this False so that each ``send()`` stays one datagram
+    joins_output = True
+
     def idle_limit(self) -> float | None:
         """Seconds without traffic before closing (reason IDLE); drivers may override.
 
@@ -211,6 +216,8 @@ class Connection(ReceiveBuffer):
             self.idle_timer = self.host.call_later(idle, self._idle_check)
         if Opened in st.handlers:
             self._dispatch(Opened, OPENED)
+        if self.state.produces and self.state is st:
+            self._schedule_drained()  # an initial producer state starts without being asked
         self._settle()
 
     def receive(self, data: bytes) -> None:
@@ -268,9 +275,9 @@ class Connection(ReceiveBuffer):
         if self.paused:
             self.paused = False
             self._interest_changed()
-            if self.rbuf.data or self.eof:
+            if self.data or self.eof:
                 self._schedule_resume()
-        if Drained in self.state.handlers:
+        if self.state.produces:
             self._dispatch(Drained, DRAINED)
             self._settle()
 
@@ -288,9 +295,12 @@ class Connection(ReceiveBuffer):
         out = self.out
         if out and not abort:
             # Bytes a handler sent are delivered before a graceful close.
-            data = b"".join(out)
-            self.bytes_out += len(data)
-            self._transmit(data)
+            if self.joins_output:
+                data = b"".join(out)
+                self.bytes_out += len(data)
+                self._transmit(data)
+            else:
+                self._transmit_each()
         out.clear()
         if self.closing is reason:  # not overtaken by an abort while transmitting
             self._closing(abort)
@@ -304,21 +314,28 @@ class Connection(ReceiveBuffer):
             self.closing = CloseReason.PEER_CLOSED
         self._cancel_timers()
         self.host.stats.close_reasons[self.closing] += 1
+        self._notify_closed()
+        self._release()
+
+    def _notify_closed(self) -> None:
+        """Once, when the connection has ended: leave every topic and call ``on_closed``."""
+        if self.notified:
+            return
+        self.notified = True
         hub = self.host.hub
         if self.topics:
             for topic in self.topics:
                 hub.unsubscribe(topic, self)
             self.topics = None
         try:
-            self.machine.on_closed(self.closing)
+            self.machine.on_closed(self.closing)  # type: ignore[arg-type]
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception:
             self.host.report_error(self)
-        self.out.clear()
+        self.out.clear()  # nothing more can be sent
         if self.effects:
             self._apply_effects()
-        self._release()
 
     # -- the engine -----------------------------------------------------------------------------
     def _process(self) -> None:
@@ -328,6 +345,7 @@ class Connection(ReceiveBuffer):
         machine = self.machine
         out = self.out
         counts = self.counts
+        tracer = self.tracer
         while True:
             if self.closing is not None or self.paused:
                 break
@@ -375,14 +393,14 @@ class Connection(ReceiveBuffer):
             mark = len(out)
             try:
                 ret = handler.func(machine, frame)
+                entry = handler.default if ret is None else handler.targets.get(ret)
             except (KeyboardInterrupt, SystemExit):
                 raise
-            except Exception as exc:
+            except Exception as exc:  # raised, or returned something unhashable
                 self._failed(st, Frame, mark, exc)
                 budget -= 1
                 continue
-            entry = handler.default if ret is None else handler.targets.get(ret)
-            if entry is not None and entry[0] is st and self.tracer is None:
+            if entry is not None and entry[0] is st and tracer is None:
                 counts[entry[1]] += 1  # staying in the same state: nothing else to do
                 if self.effects:
                     self._apply_effects()
@@ -415,7 +433,10 @@ class Connection(ReceiveBuffer):
 
     def _transition(self, st: CompiledState, handler: CompiledHandler, ret: Any, mark: int) -> None:
         """Check the handler's answer against its declared targets, count, trace, enter."""
-        entry = handler.default if ret is None else handler.targets.get(ret)
+        try:
+            entry = handler.default if ret is None else handler.targets.get(ret)
+        except TypeError:  # unhashable: certainly not a declared state
+            entry = None
         if entry is None:
             names = ", ".join(sorted({cs.name for cs, _ in handler.targets.values()}))
             try:
@@ -429,7 +450,7 @@ class Connection(ReceiveBuffer):
         new, idx = entry
         self.counts[idx] += 1
         if self.tracer is not None:
-            self.tracer(self.cid, st.name, handler.event_name, new.name)
+            self._trace(st.name, handler.event_name, new.name)
         if new is not st:
             self._enter(new)
         if self.effects:
@@ -461,8 +482,17 @@ class Connection(ReceiveBuffer):
     def _take_implicit(self, st: CompiledState, idx: int, reason: CloseReason) -> None:
         self.counts[idx] += 1
         if self.tracer is not None:
-            self.tracer(self.cid, st.name, self.spec.edges[idx].event, CLOSED)
+            self._trace(st.name, self.spec.edges[idx].event, CLOSED)
         self.close(reason)
+
+    def _trace(self, source: str, event: str, target: str) -> None:
+        """Call the tracer; a tracer that fails is reported, and the connection goes on."""
+        try:
+            self.tracer(self.cid, source, event, target)  # type: ignore[misc]
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:
+            self.host.report_error(self)
 
     def _enter(self, new: CompiledState) -> None:
         if self.state_timer is not None:
@@ -475,13 +505,13 @@ class Connection(ReceiveBuffer):
             return
         if new.timeout is not None:
             self.state_timer = self.host.call_later(new.timeout, Connection._state_timed_out, self, new)
-        if Drained in new.handlers:
+        if new.produces:
             self._schedule_drained()  # a producer state gets its first Drained unasked
         if (old.framing is None) != (new.framing is None):
             self._interest_changed()
             # Input buffered while the old state read nothing (pipelined requests behind a
             # streamed response) is cut now, not when more bytes happen to arrive.
-            if old.framing is None and (self.rbuf.data or self.eof):
+            if old.framing is None and (self.data or self.eof):
                 self._schedule_resume()
 
     def record(self, kind: str, arg: Any) -> None:
@@ -494,6 +524,16 @@ class Connection(ReceiveBuffer):
     def _apply_effects(self) -> None:
         effects = self.effects or ()
         self.effects = None
+        try:
+            self._apply(effects)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:  # a bad effect is the handler's error: this connection only
+            self.host.report_error(self)
+            if self.closing is None:
+                self.close(CloseReason.HANDLER_ERROR)
+
+    def _apply(self, effects: Any) -> None:
         host = self.host
         for kind, arg in effects:
             if kind == "publish":
@@ -536,6 +576,9 @@ class Connection(ReceiveBuffer):
         """After handling: hand queued output to the transport in one piece."""
         out = self.out
         if out and self.closing is None:
+            if not self.joins_output and len(out) > 1:
+                self._transmit_each()
+                return
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
             if data:
@@ -546,6 +589,15 @@ class Connection(ReceiveBuffer):
                 # can take more; one that sent nothing is not called again (no busy loop).
                 if self.state.produces:
                     self._schedule_drained()
+
+    def _transmit_each(self) -> None:
+        """Each ``send()`` as its own message (datagrams)."""
+        pieces = self.out[:]
+        self.out.clear()
+        for data in pieces:
+            self.bytes_out += len(data)
+            self._transmit(data)
+        self.last_active = self.host.time()
 
     def _schedule_drained(self) -> None:
         if self.closing is None and not self.drain_scheduled:
@@ -580,7 +632,7 @@ class Connection(ReceiveBuffer):
 
     def _deliver_drained(self) -> None:
         self.drain_scheduled = False
-        if self.closing is None and Drained in self.state.handlers:
+        if self.closing is None and self.state.produces:
             if self._buffered() <= self.host.limits.output_low_water:
                 self._dispatch(Drained, DRAINED)
                 self._settle()

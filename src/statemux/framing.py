@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .events import FrameTooLong
+from .events import FrameTooLong, ProtocolError
 
 __all__ = ["ReceiveBuffer", "Framing", "Line", "Exact", "Raw", "Datagram", "DEFAULT_MAX_LINE"]
 
@@ -179,6 +179,8 @@ class Exact(Framing):
 
     def cut(self, buffer: ReceiveBuffer, machine: Any) -> bytes | None:
         n = self.n if isinstance(self.n, int) else getattr(machine, self.n)
+        if n < 0:
+            raise ProtocolError(f"negative frame size {n}")
         if n > self.max_size:
             raise FrameTooLong("frame", self.max_size, n)
         if len(buffer.data) < n:

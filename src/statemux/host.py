@@ -21,7 +21,14 @@ from .hub import Hub
 from .limits import Limits
 from .machine import Machine
 
-__all__ = ["MachineHostMixIn", "ConnectionInfo", "machine_class_of", "is_handler_class", "log"]
+__all__ = [
+    "MachineHostMixIn",
+    "ConnectionInfo",
+    "datagram_bufsize",
+    "machine_class_of",
+    "is_handler_class",
+    "log",
+]
 
 log = logging.getLogger("statemux")
 
@@ -39,6 +46,13 @@ def machine_class_of(factory: Any) -> type[Machine] | None:
     if isinstance(factory, type) and issubclass(factory, Machine):
         return factory
     return None
+
+
+def datagram_bufsize(cls: type[Machine]) -> int:
+    """Bytes to ask of a datagram socket for this machine: one more than the largest frame
+    any state accepts, so an oversized datagram is seen (cut to this size) as too long."""
+    sizes = [st.framing.max_size for st in cls.spec.states.values() if st.framing is not None]
+    return (max(sizes) if sizes else 65535) + 1
 
 
 @attrs.frozen

@@ -43,6 +43,9 @@ class Limits:
     idle_timeout: float | None = attrs.field(default=300.0, validator=_positive)
     #: seconds ``shutdown()`` lets connections flush output before it returns
     drain_timeout: float = attrs.field(default=5.0, validator=_positive)
+    #: seconds a closing connection may take to deliver its buffered output; a peer that
+    #: stops reading then is cut off (reason SLOW_CONSUMER, with a reset)
+    flush_timeout: float = attrs.field(default=30.0, validator=_positive)
     #: after a graceful close, seconds to read and discard the peer's input so it sees our
     #: last reply rather than a reset
     linger_timeout: float = attrs.field(default=2.0, validator=_positive)

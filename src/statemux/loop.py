@@ -141,17 +141,8 @@ class EpollPoller(Poller):
 class SelectorPoller(Poller):
     """Any ``selectors`` selector (kqueue, poll, select) behind the :class:`Poller` calls."""
 
-    def __init__(self, selector: selectors.BaseSelector | Poller | None = None) -> None:
-        if isinstance(selector, Poller):
-            poller: Poller = selector
-        elif selector is not None:
-            poller = SelectorPoller(selector)
-        elif hasattr(select, "epoll"):
-            poller = EpollPoller()
-        else:
-            poller = SelectorPoller()
-        #: the readiness API; ``register``/``modify``/``unregister`` as with ``selectors``
-        self.selector = poller
+    def __init__(self, selector: selectors.BaseSelector | None = None) -> None:
+        self.selector = selector if selector is not None else selectors.DefaultSelector()
 
     def register(self, fileobj: Any, events: int, data: Callable[[int], Any]) -> None:
         self.selector.register(fileobj, events, data)
@@ -205,7 +196,6 @@ class Loop:
         self._exited.set()
         self.started = threading.Event()
         self.closed = False
-        self.time = time.monotonic
 
     # -- scheduling ---------------------------------------------------------------------------
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Timer:
@@ -296,6 +286,8 @@ class Loop:
             self._running = True
             self._thread = threading.current_thread()
             self._exited.clear()
+        for server in self.servers:
+            server._resume_serving()  # after an earlier run's drain
         self.started.set()
         try:
             while not self._stop:

@@ -426,6 +426,11 @@ class Machine:
 
     def start_timer(self, name: str, seconds: float) -> None:
         """(Re)start the named timer; a :class:`TimerFired` event follows after ``seconds``."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
+            math.isfinite(seconds) and seconds >= 0
+        ):
+            raise ValueError(f"timer {name!r}: seconds must be a non-negative number, not {seconds!r}")
+        hash(name)
         self._conn.record("start_timer", (name, seconds))
 
     def cancel_timer(self, name: str) -> None:
@@ -433,9 +438,11 @@ class Machine:
 
     def publish(self, topic: str, payload: object, *, include_self: bool = False) -> None:
         """Deliver a :class:`Message` to every subscriber of ``topic`` on this server."""
+        hash(topic)  # an unusable topic fails here, inside the handler
         self._conn.record("publish", (topic, payload, include_self))
 
     def subscribe(self, topic: str) -> None:
+        hash(topic)
         self._conn.record("subscribe", topic)
 
     def unsubscribe(self, topic: str) -> None:
@@ -463,8 +470,9 @@ class Machine:
 
     # -- hook --------------------------------------------------------------------------------
     def on_closed(self, reason: CloseReason) -> None:
-        """Called once when the connection has ended, whatever the reason. Override it to
-        release shared resources; :meth:`publish` still works here, :meth:`send` does not."""
+        """Called once when the connection has ended, whatever the reason (after its last
+        bytes were delivered, or given up on). Override it to release shared resources;
+        :meth:`publish` still works here, :meth:`send` does not."""
 
 
 def attach(machine: Machine, conn: Connection) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from .connection import Connection, Tracer
 from .events import CloseReason
-from .host import ConnectionInfo, MachineHostMixIn, is_handler_class, log
+from .host import ConnectionInfo, MachineHostMixIn, datagram_bufsize, is_handler_class, log
 from .hub import Hub
 from .loop import Loop
 from .machine import Machine
@@ -108,7 +108,7 @@ class StreamConnection(Connection):
             if self.closing is not None:
                 self._flushed()
                 return
-        low = self.server.limits.output_low_water
+        low = self.host.limits.output_low_water
         if before > low >= after:
             self.writable_again()
 
@@ -130,7 +130,7 @@ class StreamConnection(Connection):
         else:
             wbuf += data
         size = len(wbuf)
-        limits = self.server.limits
+        limits = self.host.limits
         if size > limits.output_high_water:
             if size > limits.output_limit:
                 self.close(CloseReason.SLOW_CONSUMER, abort=True)
@@ -173,10 +173,21 @@ class StreamConnection(Connection):
             self.server.loop.call_soon(self.finish)
         elif not self.wbuf:
             self._flushed()
+        else:  # a peer that stops reading now must not hold the connection forever
+            self.linger_timer = self.host.call_later(  # type: ignore[attr-defined]
+                self.host.limits.flush_timeout, self._flush_expired
+            )
         self._update_interest()
+
+    def _flush_expired(self) -> None:
+        self.linger_timer = None
+        self.close(CloseReason.SLOW_CONSUMER, abort=True)
 
     def _flushed(self) -> None:
         """Every byte was handed to the kernel: finish, or linger for the peer's EOF."""
+        if self.linger_timer is not None:  # the flush deadline
+            self.linger_timer.cancel()
+            self.linger_timer = None
         if self.eof or self.server._draining or self.closing is CloseReason.PEER_CLOSED:
             self.server.loop.call_soon(self.finish)
             return
@@ -227,6 +238,7 @@ class DatagramSession(Connection):
     """A machine per peer address on a datagram socket."""
 
     __slots__ = ("sock",)
+    joins_output = False  # each send() is one datagram
 
     def __init__(
         self, server: MultiplexingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int
@@ -307,6 +319,8 @@ class MultiplexingMixIn(MachineHostMixIn):
         self._dgram_queues: dict[Any, deque[bytes]] = {}
         self._dgram_queued = 0
         self._dgram_retry: Any = None
+        self._bufsize: int | None = None
+        self._accept_warned = float("-inf")
         self._dgram_drop_logged = float("-inf")
         self.datagrams_dropped = 0
         self.replies_unroutable = 0
@@ -339,6 +353,12 @@ class MultiplexingMixIn(MachineHostMixIn):
 
     def _detach(self) -> None:
         self._stop_accepting()
+        if self._dgram_retry is not None:
+            self._dgram_retry.cancel()
+            self._dgram_retry = None
+        self.datagrams_dropped += self._dgram_queued  # never sent: counted, not silently lost
+        self._dgram_queues.clear()
+        self._dgram_queued = 0
         if self._idle_sweeper is not None:
             self._idle_sweeper.cancel()
             self._idle_sweeper = None
@@ -370,6 +390,12 @@ class MultiplexingMixIn(MachineHostMixIn):
             except (KeyError, ValueError):
                 pass
         self._accepting = False
+
+    def _resume_serving(self) -> None:
+        """The loop starts (again): accept, unless descriptors are short."""
+        self._draining = False
+        if not self._accept_paused:
+            self._start_accepting()
 
     def _idle_limit(self) -> float | None:
         return self.limits.session_timeout if self.is_datagram else self.limits.idle_timeout
@@ -469,12 +495,15 @@ class MultiplexingMixIn(MachineHostMixIn):
         socket it cannot accept from) until a connection closes or the retry delay passes."""
         if self._accept_paused:
             return
-        log.warning(
-            "accept failed on %s: %s; pausing accepts for up to %gs",
-            self.server_address,  # type: ignore[attr-defined]
-            exc.strerror,
-            self.limits.accept_retry_delay,
-        )
+        now = self.time()
+        if now - self._accept_warned >= 60.0:  # once a minute, not once per closed connection
+            self._accept_warned = now
+            log.warning(
+                "accept failed on %s: %s; pausing accepts for up to %gs",
+                self.server_address,  # type: ignore[attr-defined]
+                exc.strerror,
+                self.limits.accept_retry_delay,
+            )
         self._accept_paused = True
         self._stop_accepting()
         assert self.loop is not None
@@ -502,14 +531,23 @@ class MultiplexingMixIn(MachineHostMixIn):
             return
         request.setblocking(False)
         if request.family in (socket.AF_INET, socket.AF_INET6):
-            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # the client already hung up (EINVAL on some systems)
+                pass
             # Every accept makes a new host string; share one per distinct host.
             client_address = (sys.intern(client_address[0]), *client_address[1:])
         machine = self.make_machine()
         conn = StreamConnection(self, request, client_address, machine, self._new_cid())
         self._table[conn.fd] = conn
-        conn._update_interest()
-        conn.start()
+        try:
+            conn._update_interest()
+            conn.start()
+        except BaseException:
+            # nothing of it may stay behind: its fd number will be reused by the next client
+            conn.close(CloseReason.HANDLER_ERROR, abort=True)
+            conn.finish()
+            raise
 
     def _refuse(self, request: socket.socket) -> None:
         self.stats.close_reasons[CloseReason.REFUSED] += 1
@@ -535,14 +573,14 @@ class MultiplexingMixIn(MachineHostMixIn):
         bufsize = self._datagram_bufsize()
         for _ in range(self.datagrams_per_event):
             try:
-                data, _anc, flags, address = sock.recvmsg(bufsize)
+                data, _anc, _flags, address = sock.recvmsg(bufsize)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. ICMP port unreachable reported on UDP
                 log.debug("recvmsg on %s: %s", self.server_address, exc)  # type: ignore[attr-defined]
                 continue
-            if flags & socket.MSG_TRUNC and len(data) < bufsize:
-                data += b"\0"  # make the oversize visible: never silently truncated
+            # (a datagram longer than bufsize arrives cut to bufsize, one byte over every
+            # framing's max_size: it is seen as too long, never silently truncated)
             if not self.verify_request((data, sock), address):  # type: ignore[attr-defined]
                 self.stats.close_reasons[CloseReason.REFUSED] += 1
                 continue
@@ -557,8 +595,9 @@ class MultiplexingMixIn(MachineHostMixIn):
         cls = self.machine_class
         if cls is None:
             return 65536
-        sizes = [st.framing.max_size for st in cls.spec.states.values() if st.framing is not None]
-        return (max(sizes) if sizes else 65535) + 1
+        if self._bufsize is None:
+            self._bufsize = datagram_bufsize(cls)
+        return self._bufsize
 
     def _datagram(self, data: bytes, address: Any) -> None:
         if not address:  # an unbound Unix datagram peer: no session, no reply possible

@@ -121,9 +121,9 @@ class SimConnection(Connection):
     # -- transport hooks ---------------------------------------------------------------------------
     def _transmit(self, data: bytes) -> None:
         self._backlog += data
-        self._deliver_backlog()
+        self._deliver_backlog(transmitting=True)
 
-    def _deliver_backlog(self) -> None:
+    def _deliver_backlog(self, transmitting: bool = False) -> None:
         before = len(self._backlog)
         if self._window is None:
             self._received += self._backlog
@@ -144,10 +144,12 @@ class SimConnection(Connection):
             return
         if after > limits.output_high_water:
             self.pause()
+        elif transmitting:
+            pass  # like a kernel taking a send at once: no Drained from inside a send
         elif before > limits.output_low_water >= after or (
             self.paused and after <= limits.output_low_water
         ):
-            self.writable_again()
+            self.sim.call_soon(self.writable_again)
 
     def _buffered(self) -> int:
         return len(self._backlog)

@@ -35,7 +35,8 @@ class Timer:
         self.queue = queue
 
     def __lt__(self, other: Timer) -> bool:
-        return (self.when, self.seq) < (other.when, other.seq)
+        when, other_when = self.when, other.when  # no tuples: this runs on every heap push
+        return when < other_when or (when == other_when and self.seq < other.seq)
 
     def cancel(self) -> None:
         if not self.cancelled:
@@ -90,7 +91,15 @@ class TimerQueue:
         return due
 
     def run_due(self, now: float) -> int:
-        due = self.pop_due(now)
-        for timer in due:
+        """Pop and run due timers one at a time, so one that raises loses no other."""
+        heap = self._heap
+        fired = 0
+        while heap and heap[0].when <= now:
+            timer = heapq.heappop(heap)
+            if timer.cancelled:
+                self._cancelled -= 1
+                continue
+            timer.cancelled = True
+            fired += 1
             timer.callback(*timer.args)
-        return len(due)
+        return fired
