@@ -783,6 +783,6 @@ SERVICE = Service(
     stream=True,
     datagram=False,
     default_port=8080,
-    connect_hint="curl -v http://{host}:{port}/",
+    connect_hint="curl -v http://{host}:{port}/_status",
     connect_hint_unix="curl -v --unix-socket {path} http://localhost/",
 )

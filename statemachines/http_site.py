@@ -61,6 +61,7 @@ STATUS_LINES: dict[int, bytes] = {
 
 # The table shipped with Python only (not /etc/mime.types), so types do not vary by host.
 _MIME = mimetypes.MimeTypes()
+_MIME.add_type("text/markdown", ".md")  # missing from Python 3.11's table; the demo serves docs/
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
 
 

@@ -1057,7 +1057,7 @@ def test_service_builds_a_factory_for_its_root(root: Path) -> None:
     assert SERVICE.stream and not SERVICE.datagram
     assert [o.dest for o in SERVICE.options] == ["root", "max_body"]
     assert (
-        SERVICE.connect_hint.format(host="127.0.0.1", port=8080) == "curl -v http://127.0.0.1:8080/"
+        SERVICE.connect_hint.format(host="127.0.0.1", port=8080) == "curl -v http://127.0.0.1:8080/_status"
     )
     make = SERVICE.build(root=str(root), max_body=5)
     out, _ = transcript(make, [b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\n"])
