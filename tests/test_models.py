@@ -921,3 +921,155 @@ def test_the_models_page_examples_run() -> None:
     assert len(blocks) == 3
     for block in blocks:
         exec(compile(block, "models.md", "exec"), {"__name__": "models_md"})
+
+
+# -- closing, ordering and shutdown under the blocking models ---------------------------------------
+@attrs.define
+class BigThenClose(Machine):
+    """``big`` sends ``size`` bytes and ends the connection; other lines are echoed."""
+
+    size: int
+    reading = State(Line(), initial=True)
+    done = State(final=True)
+
+    @reading.on(Frame, to=(reading, done))
+    def line(self, line: bytes) -> State:
+        if line == b"big":
+            self.send(b"x" * self.size)
+            return BigThenClose.done
+        self.send(line + b"\n")
+        return BigThenClose.reading
+
+
+@pytest.mark.parametrize("family", ["TCP", "UnixStream"])
+@pytest.mark.parametrize("model", ["sync", "threading"])
+def test_a_graceful_close_gives_up_on_a_peer_that_stops_reading(
+    model: str, family: str, short_tmp: str
+) -> None:
+    size = 8 << 20  # more than the kernel buffers of both ends take, less than output_limit
+    factory = functools.partial(BigThenClose, size)
+    address = ("127.0.0.1", 0) if family == "TCP" else unix_address(short_tmp)
+    with server_class(model, family)(
+        address, factory, output_limit=2 * size, flush_timeout=0.3, drain_timeout=1
+    ) as srv:
+        with serving(srv) as address, connect(address, rcvbuf=4096) as stuck:
+            stuck.sendall(b"big\n")  # and never reads
+            with connect(address) as client:
+                client.sendall(b"hello\n")
+                # sync: served only once the stuck connection has been cut off
+                assert read_line(client) == b"hello\n"
+            assert srv.wait_idle(5)
+            assert srv.stats.close_reasons[CloseReason.SLOW_CONSUMER] == 1
+            assert srv.stats.close_reasons[CloseReason.PEER_CLOSED] == 1  # the other client
+
+
+@attrs.define
+class DgTwice(Machine):
+    """Two sends per datagram: two datagrams back."""
+
+    echoing = State(Datagram(max_size=64), initial=True)
+
+    @echoing.on(Frame, to=echoing)
+    def echo(self, data: bytes) -> None:
+        self.send(b"1:" + data)
+        self.send(b"2:" + data)
+
+
+@pytest.mark.parametrize("model", ["sync", "threading", "forking"])
+def test_each_send_of_a_datagram_session_is_a_datagram_of_its_own(model: str) -> None:
+    with server_class(model, "UDP")(("127.0.0.1", 0), DgTwice) as srv, serving(srv) as address:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+            peer.settimeout(5)
+            peer.sendto(b"a", address)
+            assert [peer.recv(100), peer.recv(100)] == [b"1:a", b"2:a"]
+            assert nothing_arrives(peer, 0.05)
+
+
+@attrs.define
+class DgBatches(Machine):
+    """Echo; the session ends after ``per_session`` datagrams. A datagram handled before
+    ``Opened`` is recorded in ``early``."""
+
+    per_session: int
+    early: list[bytes]
+    opened: bool = False
+    seen: int = 0
+    echoing = State(Datagram(max_size=64), initial=True)
+    done = State(final=True)
+
+    @echoing.on(Opened, to=echoing)
+    def open(self, event: Opened) -> None:
+        self.opened = True
+
+    @echoing.on(Frame, to=(echoing, done))
+    def echo(self, data: bytes) -> State:
+        if not self.opened:
+            self.early.append(data)
+        self.send(data)
+        self.seen += 1
+        return DgBatches.done if self.seen == self.per_session else DgBatches.echoing
+
+
+@pytest.mark.parametrize("model", ["sync", "threading"])
+def test_one_peers_datagrams_are_handled_in_order_across_its_sessions(model: str) -> None:
+    early: list[bytes] = []
+    window, windows = 60, 20  # a window stays well below the server's receive buffer
+    factory = functools.partial(DgBatches, 3, early)
+    with server_class(model, "UDP")(("127.0.0.1", 0), factory) as srv, serving(srv) as address:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            peer.settimeout(5)
+            got: list[int] = []
+            for w in range(windows):
+                for n in range(w * window, (w + 1) * window):
+                    peer.sendto(b"%d" % n, address)
+                got += [int(peer.recv(100)) for _ in range(window)]
+    assert got == list(range(window * windows))
+    assert early == []
+
+
+@attrs.define
+class Stopper(Machine):
+    """Any frame shuts the server (``holder[0]``) down from the handler, then replies how
+    many seconds ``shutdown()`` took."""
+
+    holder: list[Any]
+    reading = State(Line(), initial=True)
+
+    @reading.on(Frame, to=reading)
+    def stop(self, frame: bytes) -> None:
+        started = time.monotonic()
+        self.holder[0].shutdown()
+        self.send(b"%.3f\n" % (time.monotonic() - started))
+
+
+@attrs.define
+class DgStopper(Stopper):
+    reading = State(Datagram(max_size=64), initial=True)
+
+    @reading.on(Frame, to=reading)
+    def stop(self, frame: bytes) -> None:
+        Stopper.stop(self, frame)
+
+
+@pytest.mark.parametrize("family", ["TCP", "UDP"])
+@pytest.mark.parametrize("model", ["sync", "threading"])
+def test_shutdown_from_a_handler_does_not_wait_for_its_own_connection(
+    model: str, family: str
+) -> None:
+    holder: list[Any] = []
+    factory = functools.partial(Stopper if family == "TCP" else DgStopper, holder)
+    with server_class(model, family)(("127.0.0.1", 0), factory, drain_timeout=5) as srv:
+        holder.append(srv)
+        with serving(srv) as address:
+            if family == "TCP":
+                with connect(address) as client:
+                    client.sendall(b"stop\n")
+                    reply = read_line(client)
+                    assert read_all(client) == b""  # then closed by the shutdown
+            else:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+                    peer.settimeout(5)
+                    peer.sendto(b"stop", address)
+                    reply = peer.recv(100)
+    assert float(reply) < 1

@@ -13,9 +13,10 @@ the multiplexing driver does, byte for byte:
 - output is sent at once when the kernel takes it, buffered otherwise; above
   ``output_high_water`` the connection stops reading, beyond ``output_limit`` it is closed as
   a slow consumer;
-- a graceful close flushes, shuts down the sending side (``SHUT_WR``) and reads and discards
-  the peer's input for up to ``linger_timeout``; a reset or broken pipe is a normal close
-  (reason ``PEER_CLOSED``), never a traceback;
+- a graceful close flushes (within ``flush_timeout``; a peer that stops reading is then cut
+  off with a reset, reason ``SLOW_CONSUMER``), shuts down the sending side (``SHUT_WR``) and
+  reads and discards the peer's input for up to ``linger_timeout``; a reset or broken pipe
+  is a normal close (reason ``PEER_CLOSED``), never a traceback;
 - handler errors go to ``handle_error`` and close the connection with the same reasons.
 
 Stdlib handler classes (``BaseRequestHandler`` subclasses) keep the stdlib behaviour on these
@@ -264,7 +265,7 @@ class BlockingConnection(Connection):
 
     __slots__ = (
         "server", "sock", "fd", "wbuf", "local", "lingering", "linger_left", "linger_timer",
-        "draining", "drain_deadline", "owner", "mail", "mail_bytes", "mail_lock", "overflowed",
+        "flush_timer", "draining", "drain_deadline", "owner", "mail", "mail_bytes", "mail_lock", "overflowed",
         "wake_r", "wake_w", "wake_pending", "registered",
     )  # fmt: skip
 
@@ -279,6 +280,7 @@ class BlockingConnection(Connection):
         self.lingering = False
         self.linger_left = 0
         self.linger_timer: Timer | None = None
+        self.flush_timer: Timer | None = None
         self.draining = False
         self.drain_deadline = 0.0
         self.owner: int | None = None
@@ -429,6 +431,7 @@ class BlockingConnection(Connection):
 
     def _closing(self, abort: bool) -> None:
         if abort:
+            self._cancel_flush_timer()
             self.wbuf.clear()
             if self.closing in _CUT_SHORT and self.sock.family in (socket.AF_INET, socket.AF_INET6):
                 try:  # close with a reset: the peer must not mistake a cut reply for a whole one
@@ -438,9 +441,27 @@ class BlockingConnection(Connection):
             self.local.call_soon(self.finish)
         elif not self.wbuf:
             self._flushed()
+        else:
+            # close() cancelled every other timer: without this one, a peer that stops
+            # reading would hold the connection (and, sync, the whole server) forever.
+            self.flush_timer = self.local.call_later(
+                self.local.limits.flush_timeout, self._flush_expired
+            )
+
+    def _flush_expired(self) -> None:
+        """``flush_timeout`` passed with output still buffered: cut the peer off."""
+        self.flush_timer = None
+        if not self.closed:
+            self.close(CloseReason.SLOW_CONSUMER, abort=True)
+
+    def _cancel_flush_timer(self) -> None:
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self.flush_timer = None
 
     def _flushed(self) -> None:
         """Every byte was handed to the kernel: finish, or linger for the peer's EOF."""
+        self._cancel_flush_timer()
         if self.eof or self.draining or self.closing is CloseReason.PEER_CLOSED:
             self.local.call_soon(self.finish)
             return
@@ -465,10 +486,12 @@ class BlockingConnection(Connection):
         if self.closing is None:
             self.closing = CloseReason.PEER_CLOSED
             self._cancel_timers()
+        self._cancel_flush_timer()
         self.wbuf.clear()
         self.local.call_soon(self.finish)
 
     def _release(self) -> None:
+        self._cancel_flush_timer()
         if self.linger_timer is not None:
             self.linger_timer.cancel()
             self.linger_timer = None
@@ -553,7 +576,10 @@ class BlockingDatagramSession(Connection):
     thread at a time; the server decides which (see :class:`BlockingMixIn`).
     """
 
-    __slots__ = ("server", "sock", "local", "work", "running")
+    __slots__ = ("server", "sock", "local", "work", "running", "worker")
+
+    #: each ``send()`` is a datagram of its own, never joined with the next
+    joins_output = False
 
     def __init__(
         self, server: BlockingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int
@@ -563,6 +589,7 @@ class BlockingDatagramSession(Connection):
         self.local = _SessionHost(server)
         self.work: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self.running = False
+        self.worker: int | None = None  # the thread running its work now
         super().__init__(self.local, machine, cid, peer)
         self.local.session = self
 
@@ -947,9 +974,9 @@ class BlockingMixIn(MachineHostMixIn):
     # -- shutting down ---------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Stop ``serve_forever`` and wait until it has returned; machine connections close
-        gracefully (reason ``SHUTDOWN``) and are waited for up to ``drain_timeout``.
-        Returns at once when ``serve_forever`` is not running (it will then return as soon
-        as it is called)."""
+        gracefully (reason ``SHUTDOWN``) and are waited for up to ``drain_timeout`` — all
+        but the caller's own, when a handler calls it. Returns at once when
+        ``serve_forever`` is not running (it will then return as soon as it is called)."""
         with self._cond:
             self._stop = True
             serving = self._serving
@@ -962,14 +989,23 @@ class BlockingMixIn(MachineHostMixIn):
         self._wait_idle(self.limits.drain_timeout)
 
     def _wait_idle(self, timeout: float) -> None:
-        """Wait (bounded) until machine connections and sessions have ended."""
+        """Wait (bounded) until machine connections and sessions have ended, except the
+        caller's own: a handler calling ``shutdown()`` cannot end while it waits."""
+        me = threading.get_ident()
         deadline = _monotonic() + timeout
         with self._cond:
-            while self._live or self._sessions_busy():
+            while self._busy_besides(me):
                 left = deadline - _monotonic()
                 if left <= 0:
                     return
                 self._cond.wait(left)
+
+    def _busy_besides(self, thread: int) -> bool:
+        """With the lock held: a connection or session is served by a thread other than
+        ``thread``."""
+        if any(conn.owner != thread for conn in self._live):
+            return True
+        return any(s.running and s.worker != thread for s in self._sessions.values())
 
     def _sessions_busy(self) -> bool:
         return any(s.running for s in self._sessions.values())
@@ -1091,19 +1127,22 @@ class BlockingMixIn(MachineHostMixIn):
             session = self._new_session(None)
             self._post(session, session.one_shot, (data,))
             return
-        new = False
+        # Looked up and queued in one hold of the lock: a new session's start is queued
+        # before its first datagram, and a session's end (_session_done) sees every datagram
+        # queued for it.
         with self._lock:
             session = self._sessions.get(address)
+            runnable = False
             if session is None:
                 if len(self._sessions) >= self.limits.max_connections:
                     self.stats.close_reasons[CloseReason.REFUSED] += 1
                     return
                 session = self._new_session(address)
                 self._sessions[address] = session
-                new = True
-        if new:
-            self._post(session, session.start, ())
-        self._post(session, None, data)
+                runnable = self._enqueue(session, session.start, (), force=True)
+            runnable = self._enqueue(session, None, data) or runnable
+        if runnable:
+            self._session_runnable()
 
     def _post(
         self,
@@ -1114,26 +1153,41 @@ class BlockingMixIn(MachineHostMixIn):
         force: bool = False,
     ) -> None:
         """Queue work for a session and make sure a thread will run it: ``fn(*args)``, or
-        with ``fn`` None the datagram ``args``. A datagram queued behind the one that closes
-        the session goes to a new session, as it would have had it arrived a moment later."""
+        with ``fn`` None the datagram ``args``."""
         with self._lock:
-            if session.closed and fn is not None:
-                return
-            work = session.work
-            if not force and len(work) >= self.session_backlog:
-                self.datagrams_dropped += 1
-                self._backlog_warning.hit(
-                    "session_backlog (%d) full for %s: its worker is behind; dropped",
-                    self.session_backlog,
-                    session.peer,
-                )
-                return
-            work.append((fn, args))
-            if session.running:
-                return
-            session.running = True
-            self._runnable.append(session)
-        self._session_runnable()
+            runnable = self._enqueue(session, fn, args, force=force)
+        if runnable:
+            self._session_runnable()
+
+    def _enqueue(
+        self,
+        session: BlockingDatagramSession,
+        fn: Callable[..., Any] | None,
+        args: Any,
+        *,
+        force: bool = False,
+    ) -> bool:
+        """With the lock held: queue work for a session; True if it now needs a thread
+        (the caller then calls :meth:`_session_runnable`, after releasing the lock). A
+        datagram queued behind the one that closes the session goes to the peer's next
+        session (:meth:`_session_done`), as it would have had it arrived a moment later."""
+        if session.closed and fn is not None:
+            return False
+        work = session.work
+        if not force and len(work) >= self.session_backlog:
+            self.datagrams_dropped += 1
+            self._backlog_warning.hit(
+                "session_backlog (%d) full for %s: its worker is behind; dropped",
+                self.session_backlog,
+                session.peer,
+            )
+            return False
+        work.append((fn, args))
+        if session.running:
+            return False
+        session.running = True
+        self._runnable.append(session)
+        return True
 
     def _session_runnable(self) -> None:
         """A session has work and no thread: sync runs it in the serving thread."""
@@ -1156,18 +1210,18 @@ class BlockingMixIn(MachineHostMixIn):
             self._drain_session(session)
 
     def _drain_session(self, session: BlockingDatagramSession) -> None:
+        session.worker = threading.get_ident()
         while True:
             with self._cond:
                 if not session.work:
                     session.running = False
+                    session.worker = None
                     self._cond.notify_all()
                     return
                 fn, args = session.work.popleft()
+            if session.closed:  # its datagrams went to the peer's next session
+                continue
             try:
-                if session.closed:
-                    if fn is None and session.peer:
-                        self._datagram(args, session.peer)
-                    continue
                 if fn is None:
                     session.receive_datagram(args)
                 else:
@@ -1179,11 +1233,35 @@ class BlockingMixIn(MachineHostMixIn):
                 self.handle_error((b"", self.socket), session.peer)
 
     def _session_done(self, session: BlockingDatagramSession) -> None:
+        """The session has ended (in its worker). Datagrams queued behind the one that ended
+        it move, in order, to the peer's next session, before the address is free for newer
+        ones: re-sent one by one they could pass datagrams the serving thread is queueing."""
+        runnable = False
         with self._cond:
-            if session.peer and self._sessions.get(session.peer) is session:
-                del self._sessions[session.peer]
             _merge_stats(self.stats, session.local.stats)
             self._cond.notify_all()
+            peer = session.peer
+            if not peer or self._sessions.get(peer) is not session:
+                return
+            del self._sessions[peer]
+            leftovers = [args for fn, args in session.work if fn is None]
+            session.work.clear()
+            if not leftovers:
+                return
+            if session.closing is CloseReason.SHUTDOWN or self._closing_server:
+                self.datagrams_dropped += len(leftovers)
+                return
+            try:
+                after = self._new_session(peer)
+            except BaseException:  # the factory failed: reported by the worker
+                self.datagrams_dropped += len(leftovers)
+                raise
+            self._sessions[peer] = after
+            runnable = self._enqueue(after, after.start, (), force=True)
+            for data in leftovers:
+                self._enqueue(after, None, data, force=True)
+        if runnable:
+            self._session_runnable()
 
     def _session_timer(
         self,
