@@ -58,7 +58,6 @@ import os
 import select
 import socket
 import socketserver
-import struct
 import sys
 import threading
 import time
@@ -72,6 +71,7 @@ from .host import ConnectionInfo, MachineHostMixIn, is_handler_class, log
 from .hub import Hub
 from .machine import Machine
 from .sockets import pop_socket_options
+from .stream import SocketConnection
 from .timers import Timer, TimerQueue
 
 __all__ = [
@@ -88,8 +88,6 @@ _monotonic = time.monotonic
 _IN = select.POLLIN
 _OUT = select.POLLOUT
 _TROUBLE = select.POLLERR | select.POLLHUP | select.POLLNVAL
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
-_CUT_SHORT = (CloseReason.SLOW_CONSUMER, CloseReason.ABORTED)
 _ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 #: seconds between attempts to send queued replies to a Unix datagram peer that is not reading
@@ -256,7 +254,7 @@ class _SessionHost(_LocalHost):
 
 
 # -- the stream driver -----------------------------------------------------------------------------
-class BlockingConnection(Connection):
+class BlockingConnection(SocketConnection):
     """A machine on one stream socket, driven by the thread that calls :meth:`run`.
 
     Servers create it in ``finish_request``; nobody else calls its methods, except
@@ -264,23 +262,15 @@ class BlockingConnection(Connection):
     """
 
     __slots__ = (
-        "server", "sock", "fd", "wbuf", "local", "lingering", "linger_left", "linger_timer",
-        "flush_timer", "draining", "drain_deadline", "owner", "mail", "mail_bytes", "mail_lock", "overflowed",
-        "wake_r", "wake_w", "wake_pending", "registered",
+        "server", "local", "draining", "drain_deadline", "owner", "mail", "mail_bytes",
+        "mail_lock", "overflowed", "wake_r", "wake_w", "wake_pending", "registered",
     )  # fmt: skip
 
     def __init__(
         self, server: BlockingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int
     ) -> None:
         self.server = server
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.wbuf = bytearray()
         self.local = _LocalHost(server)
-        self.lingering = False
-        self.linger_left = 0
-        self.linger_timer: Timer | None = None
-        self.flush_timer: Timer | None = None
         self.draining = False
         self.drain_deadline = 0.0
         self.owner: int | None = None
@@ -292,7 +282,7 @@ class BlockingConnection(Connection):
         self.wake_w: socket.socket | None = None
         self.wake_pending = False
         self.registered = 0
-        super().__init__(self.local, machine, cid, peer)
+        super().__init__(self.local, sock, peer, machine, cid)
 
     # -- the driver loop ----------------------------------------------------------------------
     def run(self) -> None:
@@ -315,7 +305,7 @@ class BlockingConnection(Connection):
                 self._step(poller, drain_fd)
         finally:
             if not self.closed:  # an exception escaped the runner (KeyboardInterrupt, a bug)
-                self.wbuf.clear()
+                self.wbuf = b""
                 if self.closing is None:
                     self.closing = CloseReason.SHUTDOWN
                 self.finish()
@@ -350,9 +340,9 @@ class BlockingConnection(Connection):
         for fd, ev in poller.poll(timeout):
             if fd == self.fd:
                 if ev & (_IN | _TROUBLE) and self.registered & _IN:
-                    self._on_readable()
+                    self._readable()
                 if ev & (_OUT | _TROUBLE) and self.wbuf and not self.closed:
-                    self._on_writable()
+                    self._writable()
             elif fd == drain_fd:
                 poller.unregister(drain_fd)
                 self._begin_drain()
@@ -366,141 +356,13 @@ class BlockingConnection(Connection):
             local.timers.run_due(_monotonic())
         local.run_ready()
 
-    def _on_readable(self) -> None:
-        try:
-            data = self.sock.recv(self.local.limits.read_size)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._lost()
-            return
-        if self.lingering:
-            self._linger_read(data)
-        elif data:
-            self.receive(data)
-        else:
-            self.receive_eof()
-
-    def _on_writable(self) -> None:
-        wbuf = self.wbuf
-        before = len(wbuf)
-        try:
-            n = self.sock.send(wbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._lost()
-            return
-        del wbuf[:n]
-        if n:
-            self.last_active = _monotonic()  # a peer reading slowly is not idle
-        after = before - n
-        if not after and self.closing is not None:
-            self._flushed()
-            return
-        low = self.local.limits.output_low_water
-        if before > low >= after:
-            self.writable_again()
-
-    # -- transport hooks -------------------------------------------------------------------------
-    def _transmit(self, data: bytes) -> None:
-        wbuf = self.wbuf
-        if not wbuf:
-            try:
-                n = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError:
-                self._lost()
-                return
-            if n == len(data):
-                return
-            wbuf += memoryview(data)[n:]
-        else:
-            wbuf += data
-        size = len(wbuf)
-        limits = self.local.limits
-        if size > limits.output_high_water:
-            if size > limits.output_limit:
-                self.close(CloseReason.SLOW_CONSUMER, abort=True)
-            elif self.closing is None:
-                self.pause()
-
-    def _buffered(self) -> int:
-        return len(self.wbuf)
-
-    def _closing(self, abort: bool) -> None:
-        if abort:
-            self._cancel_flush_timer()
-            self.wbuf.clear()
-            if self.closing in _CUT_SHORT and self.sock.family in (socket.AF_INET, socket.AF_INET6):
-                try:  # close with a reset: the peer must not mistake a cut reply for a whole one
-                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
-                except OSError:
-                    pass
-            self.local.call_soon(self.finish)
-        elif not self.wbuf:
-            self._flushed()
-        else:
-            # close() cancelled every other timer: without this one, a peer that stops
-            # reading would hold the connection (and, sync, the whole server) forever.
-            self.flush_timer = self.local.call_later(
-                self.local.limits.flush_timeout, self._flush_expired
-            )
-
-    def _flush_expired(self) -> None:
-        """``flush_timeout`` passed with output still buffered: cut the peer off."""
-        self.flush_timer = None
-        if not self.closed:
-            self.close(CloseReason.SLOW_CONSUMER, abort=True)
-
-    def _cancel_flush_timer(self) -> None:
-        if self.flush_timer is not None:
-            self.flush_timer.cancel()
-            self.flush_timer = None
-
-    def _flushed(self) -> None:
-        """Every byte was handed to the kernel: finish, or linger for the peer's EOF."""
-        self._cancel_flush_timer()
-        if self.eof or self.draining or self.closing is CloseReason.PEER_CLOSED:
-            self.local.call_soon(self.finish)
-            return
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.local.call_soon(self.finish)
-            return
-        limits = self.local.limits
-        self.lingering = True
-        self.linger_left = limits.linger_bytes
-        self.linger_timer = self.local.call_later(limits.linger_timeout, self.finish)
-
-    def _linger_read(self, data: bytes) -> None:
-        self.linger_left -= len(data)
-        if not data or self.linger_left <= 0:
-            self.finish()
-
-    def _lost(self) -> None:
-        """Reset or broken pipe: a normal close, not a traceback."""
-        self.eof = True
-        if self.closing is None:
-            self.closing = CloseReason.PEER_CLOSED
-            self._cancel_timers()
-        self._cancel_flush_timer()
-        self.wbuf.clear()
-        self.local.call_soon(self.finish)
+    def _draining(self) -> bool:
+        return self.draining
 
     def _release(self) -> None:
-        self._cancel_flush_timer()
-        if self.linger_timer is not None:
-            self.linger_timer.cancel()
-            self.linger_timer = None
         # Closed here, not by the server's shutdown_request: its SHUT_WR would send a FIN
         # ahead of the reset that ends a cut-short connection.
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self._drop_socket()
         self.server._connection_done(self)
 
     # -- shutdown --------------------------------------------------------------------------------
@@ -508,10 +370,7 @@ class BlockingConnection(Connection):
         """The server is shutting down: close gracefully within ``drain_timeout``."""
         self.draining = True
         self.drain_deadline = _monotonic() + self.local.limits.drain_timeout
-        if self.closing is None:
-            self.close(CloseReason.SHUTDOWN)
-        elif self.lingering:
-            self.finish()  # the reply is delivered; don't hold shutdown for the peer's EOF
+        self.begin_drain()
 
     # -- deliveries from other threads -------------------------------------------------------------
     def deliver(self, message: Message) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import selectors
 import socket
-import struct
 import sys
 from collections import deque
 from typing import Any
@@ -30,11 +29,10 @@ from .hub import Hub
 from .loop import Loop
 from .machine import Machine
 from .sockets import pop_socket_options
+from .stream import SocketConnection
 
 __all__ = ["MultiplexingMixIn", "StreamConnection", "DatagramSession"]
 
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
-_CUT_SHORT = (CloseReason.SLOW_CONSUMER, CloseReason.ABORTED)
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 _ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -44,106 +42,34 @@ _BLOCKING_MODELS = (
 )
 
 
-class StreamConnection(Connection):
+class StreamConnection(SocketConnection):
     """A machine on a non-blocking stream socket, driven by the loop."""
 
-    __slots__ = ("sock", "fd", "wbuf", "mask", "lingering", "linger_left", "linger_timer")
+    __slots__ = ("mask",)
 
     def __init__(
         self, server: MultiplexingMixIn, sock: socket.socket, peer: Any, machine: Machine, cid: int
     ) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.wbuf: bytes | bytearray = b""  # a bytearray only while output is buffered
         self.mask = 0
-        self.lingering = False
-        self.linger_left = 0
-        self.linger_timer: Any = None
-        super().__init__(server, machine, cid, peer)
+        super().__init__(server, sock, peer, machine, cid)
 
     @property
     def server(self) -> MultiplexingMixIn:
         return self.host  # type: ignore[return-value]
 
-    # -- readiness ----------------------------------------------------------------------------
     def __call__(self, mask: int) -> None:
-        """The selector callback (the connection itself is the key's data: no bound method
-        is kept per connection)."""
+        """The poller's callback (the connection itself is registered: no bound method is
+        kept per connection)."""
         if mask & EVENT_READ:
-            try:
-                data = self.sock.recv(self.host.limits.read_size)
-            except (BlockingIOError, InterruptedError):
-                data = None
-            except OSError:
-                self._lost()
-                return
-            if data is not None:
-                if self.lingering:
-                    self._linger_read(data)
-                    return
-                if data:
-                    self.receive(data)
-                else:
-                    self.receive_eof()
-        if mask & EVENT_WRITE and not self.closed and self.wbuf:
-            self._on_writable()
+            self._readable()
+        if mask & EVENT_WRITE and self.wbuf and not self.closed:
+            self._writable()
 
-    def _on_writable(self) -> None:
-        wbuf = self.wbuf
-        before = len(wbuf)
-        try:
-            n = self.sock.send(wbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._lost()
-            return
-        del wbuf[:n]
-        if n:
-            self.last_active = self.host.time()  # a peer reading slowly is not idle
-        after = before - n
-        if not after:
-            self.wbuf = b""
-            self._update_interest()
-            if self.closing is not None:
-                self._flushed()
-                return
-        low = self.host.limits.output_low_water
-        if before > low >= after:
-            self.writable_again()
-
-    # -- transport hooks ------------------------------------------------------------------------
-    def _transmit(self, data: bytes) -> None:
-        wbuf = self.wbuf
-        if not wbuf:
-            try:
-                n = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError:
-                self._lost()
-                return
-            if n == len(data):
-                return
-            self.wbuf = wbuf = bytearray(memoryview(data)[n:])
-            self._update_interest()
-        else:
-            wbuf += data
-        size = len(wbuf)
-        limits = self.host.limits
-        if size > limits.output_high_water:
-            if size > limits.output_limit:
-                self.close(CloseReason.SLOW_CONSUMER, abort=True)
-            elif self.closing is None:
-                self.pause()
-
-    def _buffered(self) -> int:
-        return len(self.wbuf)
+    def _draining(self) -> bool:
+        return self.host._draining  # type: ignore[attr-defined,no-any-return]
 
     def _interest_changed(self) -> None:
-        self._update_interest()
-
-    def _update_interest(self) -> None:
+        """Watch for what the connection waits for: input, room to send, both, or nothing."""
         if self.closed:
             return
         want = 0
@@ -162,65 +88,7 @@ class StreamConnection(Connection):
             selector.modify(self.fd, want, self)
         self.mask = want
 
-    def _closing(self, abort: bool) -> None:
-        if abort:
-            self.wbuf = b""
-            if self.closing in _CUT_SHORT and self.sock.family in (socket.AF_INET, socket.AF_INET6):
-                try:  # close with a reset: the peer must not mistake a cut reply for a whole one
-                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
-                except OSError:
-                    pass
-            self.server.loop.call_soon(self.finish)
-        elif not self.wbuf:
-            self._flushed()
-        else:  # a peer that stops reading now must not hold the connection forever
-            self.linger_timer = self.host.call_later(  # type: ignore[attr-defined]
-                self.host.limits.flush_timeout, self._flush_expired
-            )
-        self._update_interest()
-
-    def _flush_expired(self) -> None:
-        self.linger_timer = None
-        self.close(CloseReason.SLOW_CONSUMER, abort=True)
-
-    def _flushed(self) -> None:
-        """Every byte was handed to the kernel: finish, or linger for the peer's EOF."""
-        if self.linger_timer is not None:  # the flush deadline
-            self.linger_timer.cancel()
-            self.linger_timer = None
-        if self.eof or self.server._draining or self.closing is CloseReason.PEER_CLOSED:
-            self.server.loop.call_soon(self.finish)
-            return
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.server.loop.call_soon(self.finish)
-            return
-        self.lingering = True
-        self.linger_left = self.server.limits.linger_bytes
-        self.linger_timer = self.server.loop.call_later(
-            self.server.limits.linger_timeout, self.finish
-        )
-        self._update_interest()
-
-    def _linger_read(self, data: bytes) -> None:
-        self.linger_left -= len(data)
-        if not data or self.linger_left <= 0:
-            self.finish()
-
-    def _lost(self) -> None:
-        """Reset or broken pipe: a normal close, not a traceback."""
-        self.eof = True
-        if self.closing is None:
-            self.closing = CloseReason.PEER_CLOSED
-        self.wbuf = b""
-        self.server.loop.call_soon(self.finish)
-        self._update_interest()
-
     def _release(self) -> None:
-        if self.linger_timer is not None:
-            self.linger_timer.cancel()
-            self.linger_timer = None
         if self.mask:
             try:
                 self.host.loop.selector.unregister(self.fd)  # type: ignore[attr-defined]
@@ -228,10 +96,7 @@ class StreamConnection(Connection):
                 pass
             self.mask = 0
         self.server._forget(self)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self._drop_socket()
 
 
 class DatagramSession(Connection):
@@ -541,7 +406,7 @@ class MultiplexingMixIn(MachineHostMixIn):
         conn = StreamConnection(self, request, client_address, machine, self._new_cid())
         self._table[conn.fd] = conn
         try:
-            conn._update_interest()
+            conn._interest_changed()
             conn.start()
         except BaseException:
             # nothing of it may stay behind: its fd number will be reused by the next client
@@ -688,10 +553,10 @@ class MultiplexingMixIn(MachineHostMixIn):
         self._draining = True
         self._stop_accepting()
         for conn in list(self._table.values()):
-            if conn.closing is None:
+            if isinstance(conn, StreamConnection):
+                conn.begin_drain()
+            elif conn.closing is None:
                 conn.close(CloseReason.SHUTDOWN)
-            elif getattr(conn, "lingering", False):
-                conn.finish()  # its reply is delivered; don't hold shutdown for the peer's EOF
 
     def _end_drain(self) -> None:
         self._draining = False
