@@ -67,7 +67,7 @@ from typing import Any
 
 from .connection import Connection, Stats, Tracer
 from .events import CloseReason, Message, Opened, TimerFired
-from .host import ConnectionInfo, MachineHostMixIn, is_handler_class, log
+from .host import ConnectionInfo, MachineHostMixIn, datagram_bufsize, is_handler_class, log
 from .hub import Hub
 from .machine import Machine
 from .sockets import pop_socket_options
@@ -762,22 +762,11 @@ class BlockingMixIn(MachineHostMixIn):
             elif exc.errno not in _ACCEPT_TRANSIENT:
                 log.debug("get_request on %s: %s", self.server_address, exc)
             return
-        self._dispatch_request(request, client_address)
+        self._serve_request(request, client_address)
 
-    def _dispatch_request(self, request: Any, client_address: Any) -> None:
-        if self.verify_request(request, client_address):  # type: ignore[attr-defined]
-            try:
-                self.process_request(request, client_address)
-            except (KeyboardInterrupt, SystemExit):
-                self.shutdown_request(request)  # type: ignore[attr-defined]
-                raise
-            except Exception:
-                self.handle_error(request, client_address)
-                self.shutdown_request(request)  # type: ignore[attr-defined]
-        else:
-            with self._lock:
-                self.stats.close_reasons[CloseReason.REFUSED] += 1
-            self.shutdown_request(request)  # type: ignore[attr-defined]
+    def _count_refused(self) -> None:
+        with self._lock:
+            super()._count_refused()
 
     def handle_request(self) -> None:
         """Handle one request as ``socketserver`` does (respecting ``timeout``), then run
@@ -957,10 +946,7 @@ class BlockingMixIn(MachineHostMixIn):
 
     def _datagram_bufsize(self) -> int:
         cls = self.machine_class
-        if cls is None:
-            return 65536
-        sizes = [st.framing.max_size for st in cls.spec.states.values() if st.framing is not None]
-        return (max(sizes) if sizes else 65535) + 1
+        return 65536 if cls is None else datagram_bufsize(cls)
 
     def _read_datagrams(self) -> None:
         for _ in range(self.datagrams_per_event):
@@ -973,7 +959,7 @@ class BlockingMixIn(MachineHostMixIn):
             except OSError as exc:  # e.g. ICMP port unreachable reported on UDP
                 log.debug("recvmsg on %s: %s", self.server_address, exc)
                 continue
-            self._dispatch_request(request, address)
+            self._serve_request(request, address)
             self._run_pending()  # sync: handled now, as the multiplexing loop does
 
     def _new_session(self, address: Any) -> BlockingDatagramSession:

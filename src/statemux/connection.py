@@ -210,7 +210,9 @@ class Connection(ReceiveBuffer):
         """The connection is open: arm timers, deliver ``Opened``, flush."""
         st = self.state
         if st.timeout is not None:
-            self.state_timer = self.host.call_later(st.timeout, Connection._state_timed_out, self, st)
+            self.state_timer = self.host.call_later(
+                st.timeout, Connection._state_timed_out, self, st
+            )
         idle = self.idle_limit()
         if idle is not None and not getattr(self.host, "sweeps_idle", False):
             self.idle_timer = self.host.call_later(idle, self._idle_check)
@@ -504,7 +506,9 @@ class Connection(ReceiveBuffer):
             self.close(CloseReason.NORMAL)
             return
         if new.timeout is not None:
-            self.state_timer = self.host.call_later(new.timeout, Connection._state_timed_out, self, new)
+            self.state_timer = self.host.call_later(
+                new.timeout, Connection._state_timed_out, self, new
+            )
         if new.produces:
             self._schedule_drained()  # a producer state gets its first Drained unasked
         if (old.framing is None) != (new.framing is None):

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from .connection import Connection, Stats, Tracer
+from .events import CloseReason
 from .hub import Hub
 from .limits import Limits
 from .machine import Machine
@@ -110,6 +111,26 @@ class MachineHostMixIn:
         if self.machine_class is None:
             self.machine_class = type(machine)
         return machine
+
+    def _serve_request(self, request: Any, client_address: Any) -> None:
+        """``socketserver``'s sequence for one accepted request: ``verify_request``, then
+        ``process_request``; an exception goes to ``handle_error``; a refused or failed
+        request is shut down."""
+        if self.verify_request(request, client_address):  # type: ignore[attr-defined]
+            try:
+                self.process_request(request, client_address)  # type: ignore[attr-defined]
+            except (KeyboardInterrupt, SystemExit):
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+                raise
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+        else:
+            self._count_refused()
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def _count_refused(self) -> None:
+        self.stats.close_reasons[CloseReason.REFUSED] += 1
 
     def report_error(self, conn: Connection) -> None:
         """Runner's error funnel: called inside ``except`` with the exception current."""

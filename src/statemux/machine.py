@@ -426,10 +426,14 @@ class Machine:
 
     def start_timer(self, name: str, seconds: float) -> None:
         """(Re)start the named timer; a :class:`TimerFired` event follows after ``seconds``."""
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
-            math.isfinite(seconds) and seconds >= 0
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not (math.isfinite(seconds) and seconds >= 0)
         ):
-            raise ValueError(f"timer {name!r}: seconds must be a non-negative number, not {seconds!r}")
+            raise ValueError(
+                f"timer {name!r}: seconds must be a non-negative number, not {seconds!r}"
+            )
         hash(name)
         self._conn.record("start_timer", (name, seconds))
 

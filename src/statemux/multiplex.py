@@ -342,18 +342,7 @@ class MultiplexingMixIn(MachineHostMixIn):
                     return
                 log.error("accept failed on %s: %s", self.server_address, exc)  # type: ignore[attr-defined]
                 return
-            if self.verify_request(request, client_address):  # type: ignore[attr-defined]
-                try:
-                    self.process_request(request, client_address)
-                except (KeyboardInterrupt, SystemExit):
-                    self.shutdown_request(request)  # type: ignore[attr-defined]
-                    raise
-                except Exception:
-                    self.handle_error(request, client_address)
-                    self.shutdown_request(request)  # type: ignore[attr-defined]
-            else:
-                self.stats.close_reasons[CloseReason.REFUSED] += 1
-                self.shutdown_request(request)  # type: ignore[attr-defined]
+            self._serve_request(request, client_address)
 
     def _pause_accepting(self, exc: OSError) -> None:
         """Out of descriptors: stop watching the listener (so the loop doesn't spin on a
