@@ -123,7 +123,7 @@ class Connection(ReceiveBuffer):
 
     __slots__ = (
         "host", "machine", "spec", "state", "cid", "peer", "out", "effects", "counts",
-        "tracer", "closing", "closed", "eof", "paused", "state_timer", "timers", "inbox",
+        "tracer", "closing", "closed", "eof", "paused", "state_timer", "state_deadline", "timers", "inbox",
         "inbox_scheduled", "resume_scheduled", "drain_scheduled", "topics", "opened_at", "notified",
         "last_active", "idle_timer", "bytes_in", "bytes_out", "__weakref__",
     )  # fmt: skip
@@ -151,6 +151,8 @@ class Connection(ReceiveBuffer):
         self.eof = False
         self.paused = False
         self.state_timer: TimerHandle | None = None
+        #: when the state's timeout falls due, for hosts that sweep instead of timing
+        self.state_deadline: float | None = None
         self.timers: dict[str, TimerHandle] | None = None
         self.inbox: deque[Message] | None = None
         self.inbox_scheduled = False
@@ -191,8 +193,9 @@ class Connection(ReceiveBuffer):
     def idle_limit(self) -> float | None:
         """Seconds without traffic before closing (reason IDLE); drivers may override.
 
-        Hosts whose ``sweeps_idle`` is true check idleness themselves (the multiplexing
-        server sweeps its table, saving a timer per connection); others get a timer here."""
+        Hosts whose ``sweeps_timeouts`` is true check idleness and state timeouts themselves
+        (the multiplexing server sweeps its table, saving a timer per connection); others
+        get timers here."""
         return self.host.limits.idle_timeout
 
     # -- what drivers call ---------------------------------------------------------------------
@@ -210,11 +213,9 @@ class Connection(ReceiveBuffer):
         """The connection is open: arm timers, deliver ``Opened``, flush."""
         st = self.state
         if st.timeout is not None:
-            self.state_timer = self.host.call_later(
-                st.timeout, Connection._state_timed_out, self, st
-            )
+            self._arm_state_timeout(st)
         idle = self.idle_limit()
-        if idle is not None and not getattr(self.host, "sweeps_idle", False):
+        if idle is not None and not getattr(self.host, "sweeps_timeouts", False):
             self.idle_timer = self.host.call_later(idle, self._idle_check)
         if Opened in st.handlers:
             self._dispatch(Opened, OPENED)
@@ -496,19 +497,27 @@ class Connection(ReceiveBuffer):
         except Exception:
             self.host.report_error(self)
 
+    def _arm_state_timeout(self, st: CompiledState) -> None:
+        assert st.timeout is not None
+        if getattr(self.host, "sweeps_timeouts", False):
+            self.state_deadline = self.host.time() + st.timeout  # the host's sweep checks it
+        else:
+            self.state_timer = self.host.call_later(
+                st.timeout, Connection._state_timed_out, self, st
+            )
+
     def _enter(self, new: CompiledState) -> None:
         if self.state_timer is not None:
             self.state_timer.cancel()
             self.state_timer = None
+        self.state_deadline = None
         old = self.state
         self.state = new
         if new.final:
             self.close(CloseReason.NORMAL)
             return
         if new.timeout is not None:
-            self.state_timer = self.host.call_later(
-                new.timeout, Connection._state_timed_out, self, new
-            )
+            self._arm_state_timeout(new)
         if new.produces:
             self._schedule_drained()  # a producer state gets its first Drained unasked
         if (old.framing is None) != (new.framing is None):
@@ -643,6 +652,7 @@ class Connection(ReceiveBuffer):
 
     def _state_timed_out(self, st: CompiledState) -> None:
         self.state_timer = None
+        self.state_deadline = None
         if self.closing is None and self.state is st:
             self._dispatch(TimedOut, TimedOut(st.name, st.timeout or 0.0))
             self._settle()
@@ -668,6 +678,7 @@ class Connection(ReceiveBuffer):
             self.idle_timer = self.host.call_later(idle - quiet, self._idle_check)
 
     def _cancel_timers(self) -> None:
+        self.state_deadline = None
         if self.state_timer is not None:
             self.state_timer.cancel()
             self.state_timer = None

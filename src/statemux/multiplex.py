@@ -144,9 +144,10 @@ class MultiplexingMixIn(MachineHostMixIn):
 
     allow_reuse_address = True
     request_queue_size = socket.SOMAXCONN
-    #: idle connections are found by sweeping the table (see ``_sweep_idle``), not by a timer
-    #: per connection: a timer costs ~170 bytes, and 10,000 idle connections are the norm
-    sweeps_idle = True
+    #: idle connections and state timeouts are found by sweeping the table (``_sweep``), not
+    #: by a timer per connection: a timer costs ~200 bytes, and 10,000 idle connections are
+    #: the norm; a timeout then fires within an eighth of itself (at most 5 s) of its due time
+    sweeps_timeouts = True
     #: how many datagrams are read per readiness event of a datagram socket
     datagrams_per_event = 64
 
@@ -265,23 +266,42 @@ class MultiplexingMixIn(MachineHostMixIn):
     def _idle_limit(self) -> float | None:
         return self.limits.session_timeout if self.is_datagram else self.limits.idle_timeout
 
-    def _schedule_idle_sweep(self) -> None:
-        """Sweep the table every eighth of the idle limit (at most every 5 s): a connection
-        closes within ``idle_timeout`` plus that interval of its last byte."""
-        limit = self._idle_limit()
-        if limit is None or self.loop is None:
-            return
-        interval = min(max(limit / 8, 0.01), 5.0)
-        self._idle_sweeper = self.loop.call_later(interval, self._sweep_idle)
+    def _sweep_interval(self) -> float | None:
+        """An eighth of the shortest of the idle limit and the machine's state timeouts,
+        between 10 ms and 5 s (None: nothing to sweep for)."""
+        limits = [self._idle_limit()]
+        cls = self.machine_class
+        if cls is not None:
+            limits += [st.timeout for st in cls.spec.states.values()]
+        present = [x for x in limits if x is not None]
+        if not present:
+            return None
+        return min(max(min(present) / 8, 0.01), 5.0)
 
-    def _sweep_idle(self) -> None:
-        limit = self._idle_limit()
-        if limit is None:
+    def _schedule_idle_sweep(self) -> None:
+        if self._idle_sweeper is not None:
+            self._idle_sweeper.cancel()
+            self._idle_sweeper = None
+        interval = self._sweep_interval()
+        if interval is None or self.loop is None:
             return
-        deadline = self.time() - limit
+        self._idle_sweeper = self.loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close idle connections; deliver due state timeouts."""
+        self._idle_sweeper = None
+        now = self.time()
+        limit = self._idle_limit()
+        idle_before = now - limit if limit is not None else float("-inf")
         for conn in list(self._table.values()):
-            if conn.last_active <= deadline and conn.closing is None:
+            if conn.closing is not None:
+                continue
+            if conn.last_active <= idle_before:
                 conn.close(CloseReason.IDLE)
+                continue
+            due = conn.state_deadline
+            if due is not None and due <= now:
+                conn._state_timed_out(conn.state)
         self._schedule_idle_sweep()
 
     # -- BaseServer interface ------------------------------------------------------------------------
@@ -391,7 +411,7 @@ class MultiplexingMixIn(MachineHostMixIn):
                 pass
             # Every accept makes a new host string; share one per distinct host.
             client_address = (sys.intern(client_address[0]), *client_address[1:])
-        machine = self.make_machine()
+        machine = self._new_machine()
         conn = StreamConnection(self, request, client_address, machine, self._new_cid())
         self._table[conn.fd] = conn
         try:
@@ -402,6 +422,13 @@ class MultiplexingMixIn(MachineHostMixIn):
             conn.close(CloseReason.HANDLER_ERROR, abort=True)
             conn.finish()
             raise
+
+    def _new_machine(self) -> Machine:
+        learning = self.machine_class is None
+        machine = self.make_machine()
+        if learning:  # the factory's class is known now: its state timeouts set the sweep pace
+            self._schedule_idle_sweep()
+        return machine
 
     def _refuse(self, request: socket.socket) -> None:
         self.stats.close_reasons[CloseReason.REFUSED] += 1
@@ -455,7 +482,7 @@ class MultiplexingMixIn(MachineHostMixIn):
 
     def _datagram(self, data: bytes, address: Any) -> None:
         if not address:  # an unbound Unix datagram peer: no session, no reply possible
-            machine = self.make_machine()
+            machine = self._new_machine()
             conn = DatagramSession(self, self.socket, None, machine, self._new_cid())  # type: ignore[attr-defined]
             conn.start()
             conn.receive_datagram(data)
@@ -469,7 +496,7 @@ class MultiplexingMixIn(MachineHostMixIn):
             if len(self._table) >= self.limits.max_connections:
                 self.stats.close_reasons[CloseReason.REFUSED] += 1
                 return
-            machine = self.make_machine()
+            machine = self._new_machine()
             conn = DatagramSession(self, self.socket, address, machine, self._new_cid())  # type: ignore[attr-defined]
             self._table[address] = conn
             conn.start()
