@@ -172,6 +172,7 @@ class RequestHead(Framing):
         head = bytes(data[: end + 1])
         del data[: end + skip]
         buffer.scan = 0
+        machine.head_partial = False  # (the runner does not ask again while nothing is buffered)
         return parse_head(head, limits)
 
     def describe(self) -> str:

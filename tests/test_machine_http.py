@@ -927,6 +927,19 @@ def test_idle_persistent_connection_closes_without_a_response(root: Path) -> Non
     assert conn.closed and conn.close_reason is CloseReason.NORMAL
 
 
+def test_a_connection_idle_after_a_head_that_came_in_pieces_still_closes_silently(
+    root: Path,
+) -> None:
+    sim, conn = connect(root)
+    head = get("/a.txt")
+    conn.send(head[:10])  # a partial head...
+    conn.send(head[10:])  # ...completed and answered: nothing is pending any more
+    assert conn.received().startswith(b"HTTP/1.1 200 OK")
+    sim.advance(HEADER_TIMEOUT)
+    assert conn.received() == b""  # no 408: no request was under way
+    assert conn.closed and conn.close_reason is CloseReason.NORMAL
+
+
 def test_header_timeout_counts_from_the_last_response(root: Path) -> None:
     sim, conn = connect(root)
     sim.advance(20)
@@ -1057,7 +1070,8 @@ def test_service_builds_a_factory_for_its_root(root: Path) -> None:
     assert SERVICE.stream and not SERVICE.datagram
     assert [o.dest for o in SERVICE.options] == ["root", "max_body"]
     assert (
-        SERVICE.connect_hint.format(host="127.0.0.1", port=8080) == "curl -v http://127.0.0.1:8080/_status"
+        SERVICE.connect_hint.format(host="127.0.0.1", port=8080)
+        == "curl -v http://127.0.0.1:8080/_status"
     )
     make = SERVICE.build(root=str(root), max_body=5)
     out, _ = transcript(make, [b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\n"])

@@ -67,6 +67,7 @@ from typing import Any
 
 from .connection import Connection, Stats, Tracer
 from .events import CloseReason, Message, Opened, TimerFired
+from .framing import TruncatedDatagram
 from .host import ConnectionInfo, MachineHostMixIn, datagram_bufsize, is_handler_class, log
 from .hub import Hub
 from .machine import Machine
@@ -131,10 +132,14 @@ def peer_state_reason(cls: type[Machine]) -> str | None:
     return None
 
 
+#: poll() takes at most INT_MAX ms; a far deadline is simply waited for in steps
+_MAX_WAIT_MS = 3_600_000
+
+
 def _ms(seconds: float | None) -> int | None:
     if seconds is None:
         return None
-    return max(0, math.ceil(seconds * 1000))
+    return min(max(0, math.ceil(seconds * 1000)), _MAX_WAIT_MS)
 
 
 def _payload_size(payload: object) -> int:
@@ -940,8 +945,8 @@ class BlockingMixIn(MachineHostMixIn):
             return super().get_request()  # type: ignore[misc,no-any-return]
         bufsize = self._datagram_bufsize()
         data, _anc, flags, address = self.socket.recvmsg(bufsize, 0, socket.MSG_DONTWAIT)
-        if flags & socket.MSG_TRUNC and len(data) < bufsize:
-            data += b"\0"
+        if flags & socket.MSG_TRUNC:  # cut by the kernel: too long, never passed as whole
+            data = TruncatedDatagram(data)
         return (data, self.socket), address
 
     def _datagram_bufsize(self) -> int:

@@ -35,7 +35,7 @@ from .events import (
     TimerFired,
     UndeclaredTransition,
 )
-from .framing import ReceiveBuffer
+from .framing import ReceiveBuffer, TruncatedDatagram
 from .hub import Hub
 from .limits import Limits
 from .machine import (
@@ -254,7 +254,7 @@ class Connection(ReceiveBuffer):
         framing = self.state.framing
         if framing is None:
             return
-        if len(data) > framing.max_size:
+        if len(data) > framing.max_size or data.__class__ is TruncatedDatagram:
             self._dispatch(FrameTooLong, FrameTooLong("datagram", framing.max_size, len(data)))
         else:
             self._dispatch(Frame, data)
@@ -501,6 +501,7 @@ class Connection(ReceiveBuffer):
         assert st.timeout is not None
         if getattr(self.host, "sweeps_timeouts", False):
             self.state_deadline = self.host.time() + st.timeout  # the host's sweep checks it
+            self.host.note_timeout(st.timeout)  # type: ignore[attr-defined]
         else:
             self.state_timer = self.host.call_later(
                 st.timeout, Connection._state_timed_out, self, st
@@ -589,19 +590,20 @@ class Connection(ReceiveBuffer):
         """After handling: hand queued output to the transport in one piece."""
         out = self.out
         if out and self.closing is None:
-            if not self.joins_output and len(out) > 1:
-                self._transmit_each()
-                return
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            if data:
+            if self.joins_output:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+                if not data:
+                    return
                 self.bytes_out += len(data)
-                self.last_active = self.host.time()
                 self._transmit(data)
-                # A producer that just sent a piece gets Drained as soon as the transport
-                # can take more; one that sent nothing is not called again (no busy loop).
-                if self.state.produces:
-                    self._schedule_drained()
+            else:
+                self._transmit_each()  # every send() a datagram, an empty one too
+            self.last_active = self.host.time()
+            # A producer that just sent a piece gets Drained as soon as the transport can
+            # take more; one that sent nothing is not called again (no busy loop).
+            if self.state.produces:
+                self._schedule_drained()
 
     def _transmit_each(self) -> None:
         """Each ``send()`` as its own message (datagrams)."""
@@ -610,7 +612,6 @@ class Connection(ReceiveBuffer):
         for data in pieces:
             self.bytes_out += len(data)
             self._transmit(data)
-        self.last_active = self.host.time()
 
     def _schedule_drained(self) -> None:
         if self.closing is None and not self.drain_scheduled:

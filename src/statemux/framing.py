@@ -20,7 +20,16 @@ from typing import Any
 
 from .events import FrameTooLong, ProtocolError
 
-__all__ = ["ReceiveBuffer", "Framing", "Line", "Exact", "Raw", "Datagram", "DEFAULT_MAX_LINE"]
+__all__ = [
+    "ReceiveBuffer",
+    "Framing",
+    "Line",
+    "Exact",
+    "Raw",
+    "Datagram",
+    "TruncatedDatagram",
+    "DEFAULT_MAX_LINE",
+]
 
 DEFAULT_MAX_LINE = 64 * 1024
 
@@ -58,6 +67,12 @@ class ReceiveBuffer:
         """Discard the first ``n`` bytes."""
         del self.data[:n]
         self.scan = 0
+
+
+class TruncatedDatagram(bytes):
+    """A datagram the kernel cut to the receive buffer (``MSG_TRUNC``): always too long."""
+
+    __slots__ = ()
 
 
 class Framing:

@@ -38,6 +38,7 @@ __all__ = ["Loop", "Poller", "EpollPoller", "SelectorPoller"]
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
+_MAX_WAIT = 3600.0
 
 
 def _fd(fileobj: Any) -> int:
@@ -74,6 +75,8 @@ class EpollPoller(Poller):
         self._epoll = select.epoll()
         self._callbacks: dict[int, Callable[[int], Any]] = {}
         self._masks: dict[int, int] = {}
+        #: fds of registered file objects, so one closed before unregister() is still found
+        self._objects: dict[int, int] = {}
 
     @staticmethod
     def _to_epoll(events: int) -> int:
@@ -90,6 +93,8 @@ class EpollPoller(Poller):
             raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
         self._epoll.register(fd, self._to_epoll(events))
         self._callbacks[fd] = data
+        if not isinstance(fileobj, int):
+            self._objects[id(fileobj)] = fd
 
     def modify(self, fileobj: Any, events: int, data: Callable[[int], Any]) -> None:
         fd = _fd(fileobj)
@@ -99,7 +104,12 @@ class EpollPoller(Poller):
         self._callbacks[fd] = data
 
     def unregister(self, fileobj: Any) -> None:
-        fd = _fd(fileobj)
+        if isinstance(fileobj, int):
+            fd = fileobj
+        else:
+            fd = self._objects.pop(id(fileobj), None)
+            if fd is None:
+                fd = _fd(fileobj)
         del self._callbacks[fd]  # KeyError if not registered, as selectors does
         try:
             self._epoll.unregister(fd)
@@ -255,6 +265,10 @@ class Loop:
                 wait = deadline - time.monotonic()
                 wait = wait if wait > 0 else 0
                 timeout = wait if timeout is None or wait < timeout else timeout
+        if timeout is not None and timeout > _MAX_WAIT:
+            timeout = (
+                _MAX_WAIT  # epoll takes at most INT_MAX ms: a far timer is waited for in steps
+            )
         events = self.selector.poll(timeout)
         activity = len(events)
         on_wake = self._wake_callback

@@ -24,6 +24,7 @@ from typing import Any
 
 from .connection import Connection, Tracer
 from .events import CloseReason
+from .framing import TruncatedDatagram
 from .host import ConnectionInfo, MachineHostMixIn, datagram_bufsize, is_handler_class, log
 from .hub import Hub
 from .loop import Loop
@@ -179,6 +180,7 @@ class MultiplexingMixIn(MachineHostMixIn):
         self._accept_paused = False
         self._accept_timer: Any = None
         self._idle_sweeper: Any = None
+        self._shortest_timeout = float("inf")
         #: replies the socket could not take, per peer (order is kept per peer only, so one
         #: peer that stops reading holds up no one else); retried on a timer, not on write
         #: readiness: a Unix datagram socket polls writable while a peer's queue is full
@@ -266,14 +268,20 @@ class MultiplexingMixIn(MachineHostMixIn):
     def _idle_limit(self) -> float | None:
         return self.limits.session_timeout if self.is_datagram else self.limits.idle_timeout
 
+    def note_timeout(self, timeout: float) -> None:
+        """A connection entered a state with this timeout: sweep fast enough for it."""
+        if timeout < self._shortest_timeout:
+            self._shortest_timeout = timeout
+            self._schedule_idle_sweep()
+
     def _sweep_interval(self) -> float | None:
-        """An eighth of the shortest of the idle limit and the machine's state timeouts,
-        between 10 ms and 5 s (None: nothing to sweep for)."""
-        limits = [self._idle_limit()]
+        """An eighth of the shortest of the idle limit and the state timeouts seen, between
+        10 ms and 5 s (None: nothing to sweep for)."""
+        limits = [self._idle_limit(), self._shortest_timeout]
         cls = self.machine_class
         if cls is not None:
             limits += [st.timeout for st in cls.spec.states.values()]
-        present = [x for x in limits if x is not None]
+        present = [x for x in limits if x is not None and x != float("inf")]
         if not present:
             return None
         return min(max(min(present) / 8, 0.01), 5.0)
@@ -296,12 +304,15 @@ class MultiplexingMixIn(MachineHostMixIn):
         for conn in list(self._table.values()):
             if conn.closing is not None:
                 continue
-            if conn.last_active <= idle_before:
-                conn.close(CloseReason.IDLE)
-                continue
             due = conn.state_deadline
+            # A due state timeout first: its handler may reply or move on (and so not be
+            # idle any more) rather than be pre-empted by the idle close.
             if due is not None and due <= now:
                 conn._state_timed_out(conn.state)
+                if conn.closing is not None:
+                    continue
+            if conn.last_active <= idle_before:
+                conn.close(CloseReason.IDLE)
         self._schedule_idle_sweep()
 
     # -- BaseServer interface ------------------------------------------------------------------------
@@ -451,17 +462,16 @@ class MultiplexingMixIn(MachineHostMixIn):
     # -- datagrams ----------------------------------------------------------------------------------
     def _on_datagrams(self, mask: int) -> None:
         sock = self.socket  # type: ignore[attr-defined]
-        bufsize = self._datagram_bufsize()
         for _ in range(self.datagrams_per_event):
-            try:
-                data, _anc, _flags, address = sock.recvmsg(bufsize)
+            try:  # (the size is asked each time: the first datagram may teach the class)
+                data, _anc, flags, address = sock.recvmsg(self._datagram_bufsize())
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. ICMP port unreachable reported on UDP
                 log.debug("recvmsg on %s: %s", self.server_address, exc)  # type: ignore[attr-defined]
                 continue
-            # (a datagram longer than bufsize arrives cut to bufsize, one byte over every
-            # framing's max_size: it is seen as too long, never silently truncated)
+            if flags & socket.MSG_TRUNC:  # cut by the kernel: too long, never passed as whole
+                data = TruncatedDatagram(data)
             if not self.verify_request((data, sock), address):  # type: ignore[attr-defined]
                 self.stats.close_reasons[CloseReason.REFUSED] += 1
                 continue

@@ -122,8 +122,9 @@ class SocketConnection(Connection):
     def _closing(self, abort: bool) -> None:
         if abort:
             self._cancel_linger_timer()
+            dropped = bool(self.wbuf)
             self.wbuf = b""
-            if self.closing in _CUT_SHORT and self.sock.family in _INET:
+            if (dropped or self.closing in _CUT_SHORT) and self.sock.family in _INET:
                 try:  # close with a reset: the peer must not mistake a cut reply for a whole one
                     self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
                 except OSError:

@@ -10,7 +10,9 @@
     assert client.close_reason is CloseReason.IDLE
 
 The simulator is a host like a server: it has ``limits``, a ``hub`` shared by its connections,
-``stats`` and an optional ``tracer``. A handler exception is recorded in ``sim.errors``
+``stats`` and an optional ``tracer``. Timers are exact (the multiplexing server sweeps idle
+and state timeouts instead), and ``flush_timeout``/``linger_timeout`` are not simulated: a
+closing connection ends when its peer has read everything. A handler exception is recorded in ``sim.errors``
 (``(connection, exception)``) instead of being logged. Every queued callback (hub messages,
 resumed frames, ``Drained``) runs before ``send``/``advance`` return.
 
