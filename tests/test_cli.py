@@ -352,7 +352,10 @@ def test_service_help_lists_its_options_and_the_limits(capsys: pytest.CaptureFix
     ("argv", "message"),
     [
         (["serve", "nope"], "unknown machine 'nope'; ready services: "),
-        (["serve", "nosuchmodule:Thing"], "unknown machine 'nosuchmodule:Thing'"),
+        (
+            ["serve", "nosuchmodule:Thing"],
+            "cannot import module 'nosuchmodule' for 'nosuchmodule:Thing'",
+        ),
         (["serve", "statemux.admin:Nope"], "statemux.admin has no attribute 'Nope'"),
         (
             ["serve", "statemux.admin:COMMANDS"],

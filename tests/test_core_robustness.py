@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import selectors
 import socket
+import struct
 import threading
 from typing import Any
 
@@ -24,6 +25,7 @@ from statemux import (
     MultiplexingUDPServer,
     MultiplexingUnixDatagramServer,
     Opened,
+    PeerClosed,
     State,
     TimedOut,
 )
@@ -395,3 +397,44 @@ def test_a_reply_cut_short_by_the_end_of_the_drain_ends_in_a_reset() -> None:
             read_all(sock)
     finally:
         sock.close()
+
+
+@attrs.define
+class Greets(Machine):
+    """Greets on open; counts PeerClosed by handler."""
+
+    seen: list[str]
+    reading = State(Line(), initial=True)
+
+    @reading.on(Opened, to=reading)
+    def hello(self, event: Opened) -> None:
+        self.send(b"hello\n" * 1000)
+
+    @reading.on(Frame, to=reading)
+    def echo(self, line: bytes) -> None:
+        self.send(line + b"\n")
+
+    @reading.on(PeerClosed, to=reading)
+    def bye(self, event: PeerClosed) -> None:
+        self.seen.append("peer closed")
+        self.send(b"bye\n")  # goes nowhere after a reset, harmlessly
+
+
+def test_a_reset_takes_the_peer_closed_edge_like_an_eof() -> None:
+    seen: list[str] = []
+    server = MultiplexingTCPServer(("127.0.0.1", 0), functools.partial(Greets, seen))
+    with serving(server) as address:
+        sock = socket.create_connection(address, timeout=5)
+        sock.recv(1)  # the greeting arrived, most of it unread
+        sock.sendall(b"x\n")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset
+        with socket.create_connection(address, timeout=5) as other:  # the loop goes on
+            other.recv(1)
+            other.sendall(b"ok\n")
+            other.shutdown(socket.SHUT_WR)
+            assert read_all(other).endswith(b"ok\nbye\n")  # after an EOF, the goodbye arrives
+    assert seen == ["peer closed", "peer closed"]
+    transitions = server.stats.transitions()
+    assert transitions[("Greets", "reading", "peer closed", "reading")] == 2
+    assert server.stats.close_reasons[CloseReason.PEER_CLOSED] == 2

@@ -34,5 +34,6 @@ class TallyHandler(socketserver.StreamRequestHandler):
 
 
 if __name__ == "__main__":
+    socketserver.TCPServer.allow_reuse_address = True  # restart at once, not after TIME-WAIT
     with socketserver.TCPServer(("127.0.0.1", 7100), TallyHandler) as server:
         server.serve_forever()

@@ -5,5 +5,6 @@ import socketserver
 from tally_sync import TallyHandler
 
 if __name__ == "__main__":
+    socketserver.ThreadingTCPServer.allow_reuse_address = True  # restart at once, not after TIME-WAIT
     with socketserver.ThreadingTCPServer(("127.0.0.1", 7100), TallyHandler) as server:
         server.serve_forever()

@@ -189,7 +189,17 @@ def resolve(spec: str) -> Target:
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:
             raise UsageError(f"bad machine {spec!r}: expected NAME or module:Class")
-        module = _import(module_name, spec)
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` does: modules next to you import
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise UsageError(
+                f"cannot import module {module_name!r} for {spec!r}: {exc} "
+                "(it is looked up in the current directory and on sys.path)"
+            ) from None
+        except Exception as exc:  # a machine that fails validation, a syntax error …
+            raise UsageError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from None
         obj: Any = module
         for part in attr.split("."):
             try:

@@ -284,6 +284,18 @@ class Connection(ReceiveBuffer):
             self._dispatch(Drained, DRAINED)
             self._settle()
 
+    def peer_reset(self) -> None:
+        """The peer reset the connection (or the pipe broke): nothing more can be read or
+        sent. The PeerClosed edge is taken all the same — counted, traced, its handler run
+        (what that handler sends is dropped); frames still buffered are dropped too."""
+        self.eof = True
+        if self.closing is not None:
+            return
+        self.closing = CloseReason.PEER_CLOSED  # first: the handler's sends go nowhere
+        self._cancel_timers()
+        self._dispatch(PeerClosed, PeerClosed(bytes(self.data)))
+        self.out.clear()
+
     def close(self, reason: CloseReason, *, abort: bool = False) -> None:
         """Begin closing: flush then close, or drop everything when ``abort``."""
         if self.closing is not None:

@@ -173,12 +173,9 @@ class SocketConnection(Connection):
 
     def _lost(self) -> None:
         """Reset or broken pipe: a normal close, not a traceback."""
-        self.eof = True
-        if self.closing is None:
-            self.closing = CloseReason.PEER_CLOSED
-            self._cancel_timers()
-        self._cancel_linger_timer()
         self.wbuf = b""
+        self._cancel_linger_timer()
+        self.peer_reset()
         self.host.call_soon(self.finish)
         self._interest_changed()
 
