@@ -22,48 +22,14 @@ from typing import Any
 import attrs
 
 from statemux import Datagram, Frame, FrameTooLong, Line, Machine, PeerClosed, State
-from statemux.framing import ReceiveBuffer
 from statemux.service import Option, Service
 
-__all__ = ["Echo", "DatagramEcho", "MachineLine", "MAX_LINE", "MAX_DATAGRAM", "SERVICE", "build"]
+__all__ = ["Echo", "DatagramEcho", "MAX_LINE", "MAX_DATAGRAM", "SERVICE", "build"]
 
 #: Default longest line (without its ``\n``) the stream echo accepts.
 MAX_LINE = 64 * 1024
 #: Longest datagram the datagram echo accepts: the largest UDP payload over IPv4.
 MAX_DATAGRAM = 65507
-
-
-class MachineLine(Line):
-    """A :class:`~statemux.Line` whose limit is read from the machine's ``max_line`` attribute,
-    so each server may choose it (``functools.partial(Echo, max_line=100)``).
-
-    Used as a state's framing; callers never call :meth:`cut` themselves.
-    """
-
-    __slots__ = ()
-
-    def __init__(self, default: int = MAX_LINE) -> None:
-        super().__init__(default)
-
-    def cut(self, buffer: ReceiveBuffer, machine: Any) -> bytes | None:
-        data = buffer.data
-        limit = machine.max_line
-        i = data.find(b"\n", buffer.scan)
-        if i < 0:
-            n = len(data)
-            if n > limit:
-                raise FrameTooLong("line", limit, n)
-            buffer.scan = n
-            return None
-        if i > limit:
-            raise FrameTooLong("line", limit, i)
-        frame = bytes(data[:i])
-        del data[: i + 1]
-        buffer.scan = 0
-        return frame
-
-    def describe(self) -> str:
-        return f"line ≤ max_line B (default {self.max_length})"
 
 
 def _check_limit(name: str, value: int) -> None:
@@ -84,7 +50,7 @@ class Echo(Machine):
 
     max_line: int = attrs.field(default=MAX_LINE, validator=_positive)
 
-    echoing = State(MachineLine(MAX_LINE), initial=True, doc="waiting for a line")
+    echoing = State(Line(max_length="max_line"), initial=True, doc="waiting for a line")
     done = State(final=True, doc="flushing the last reply, then closing")
 
     @echoing.on(Frame, to=echoing)
