@@ -438,3 +438,27 @@ def test_a_reset_takes_the_peer_closed_edge_like_an_eof() -> None:
     transitions = server.stats.transitions()
     assert transitions[("Greets", "reading", "peer closed", "reading")] == 2
     assert server.stats.close_reasons[CloseReason.PEER_CLOSED] == 2
+
+
+def test_handle_request_waits_for_a_request_through_the_servers_housekeeping() -> None:
+    """The table sweep (every 10 ms here) is not 'something happened'."""
+    server = MultiplexingTCPServer(("127.0.0.1", 0), Echo, idle_timeout=0.08)
+    server.timeout = None  # wait for a request, as socketserver does
+    timeouts: list[int] = []
+    server.handle_timeout = lambda: timeouts.append(1)  # type: ignore[method-assign]
+    done = threading.Event()
+
+    def serve_one() -> None:
+        server.handle_request()
+        done.set()
+
+    thread = threading.Thread(target=serve_one)
+    thread.start()
+    try:
+        assert not done.wait(0.2)  # several sweeps went by: still waiting for a request
+        with socket.create_connection(server.server_address, timeout=5):
+            assert done.wait(5)  # the connection is what ended it
+        assert timeouts == []
+    finally:
+        thread.join(5)
+        server.server_close()

@@ -212,6 +212,13 @@ class Loop:
         """Run ``callback(*args)`` after ``delay`` seconds (loop thread only)."""
         return self.timers.add(time.monotonic() + delay, callback, *args)
 
+    def call_later_quiet(self, delay: float, callback: Callable[..., Any], *args: Any) -> Timer:
+        """Like :meth:`call_later`, for housekeeping: its firing does not count as activity
+        (``run_once`` returns 0 if nothing else happened)."""
+        timer = self.timers.add(time.monotonic() + delay, callback, *args)
+        timer.quiet = True
+        return timer
+
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
         """Run ``callback(*args)`` at the end of this pass (loop thread only)."""
         self.ready.append((callback, args))

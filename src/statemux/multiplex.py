@@ -19,6 +19,7 @@ import errno
 import selectors
 import socket
 import sys
+import time
 from collections import deque
 from typing import Any
 
@@ -293,7 +294,7 @@ class MultiplexingMixIn(MachineHostMixIn):
         interval = self._sweep_interval()
         if interval is None or self.loop is None:
             return
-        self._idle_sweeper = self.loop.call_later(interval, self._sweep)
+        self._idle_sweeper = self.loop.call_later_quiet(interval, self._sweep)
 
     def _sweep(self) -> None:
         """Close idle connections; deliver due state timeouts."""
@@ -329,11 +330,19 @@ class MultiplexingMixIn(MachineHostMixIn):
             self.loop.shutdown()
 
     def handle_request(self) -> None:
-        """One loop pass: wait up to ``timeout`` for readiness, handle every ready socket and
-        due timer; call ``handle_timeout()`` if nothing became ready."""
+        """Wait up to ``timeout`` (forever if None) for something to happen — a ready socket,
+        a due timer — and handle all of it; call ``handle_timeout()`` if nothing did. The
+        server's own housekeeping (table sweeps, retries) runs meanwhile but does not count."""
         timeout = self.timeout  # type: ignore[attr-defined]
-        if not self._ensure_loop().run_once(timeout):
-            self.handle_timeout()  # type: ignore[attr-defined]
+        loop = self._ensure_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if loop.run_once(remaining):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                self.handle_timeout()  # type: ignore[attr-defined]
+                return
 
     def server_close(self) -> None:
         """Close every connection at once (reason SHUTDOWN), stop listening, close the socket."""
@@ -392,7 +401,7 @@ class MultiplexingMixIn(MachineHostMixIn):
         self._accept_paused = True
         self._stop_accepting()
         assert self.loop is not None
-        self._accept_timer = self.loop.call_later(
+        self._accept_timer = self.loop.call_later_quiet(
             self.limits.accept_retry_delay, self._resume_accepting
         )
 
@@ -550,7 +559,7 @@ class MultiplexingMixIn(MachineHostMixIn):
         self._dgram_queues.setdefault(address, deque()).append(data)
         self._dgram_queued += 1
         if self._dgram_retry is None and self.loop is not None:
-            self._dgram_retry = self.loop.call_later(
+            self._dgram_retry = self.loop.call_later_quiet(
                 self.datagram_retry_interval, self._flush_datagrams
             )
 
@@ -570,7 +579,7 @@ class MultiplexingMixIn(MachineHostMixIn):
             if not queue:
                 del self._dgram_queues[address]
         if self._dgram_queues and self.loop is not None:
-            self._dgram_retry = self.loop.call_later(
+            self._dgram_retry = self.loop.call_later_quiet(
                 self.datagram_retry_interval, self._flush_datagrams
             )
 

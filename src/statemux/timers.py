@@ -17,7 +17,7 @@ __all__ = ["Timer", "TimerQueue"]
 class Timer:
     """A scheduled callback. ``cancel()`` is idempotent."""
 
-    __slots__ = ("when", "seq", "callback", "args", "cancelled", "queue")
+    __slots__ = ("when", "seq", "callback", "args", "cancelled", "queue", "quiet")
 
     def __init__(
         self,
@@ -33,6 +33,8 @@ class Timer:
         self.args = args
         self.cancelled = False
         self.queue = queue
+        #: housekeeping (a sweep, a retry): firing it is not activity for handle_request()
+        self.quiet = False
 
     def __lt__(self, other: Timer) -> bool:
         when, other_when = self.when, other.when  # no tuples: this runs on every heap push
@@ -91,7 +93,8 @@ class TimerQueue:
         return due
 
     def run_due(self, now: float) -> int:
-        """Pop and run due timers one at a time, so one that raises loses no other."""
+        """Pop and run due timers one at a time, so one that raises loses no other; return
+        how many fired, not counting quiet (housekeeping) ones."""
         heap = self._heap
         fired = 0
         while heap and heap[0].when <= now:
@@ -100,6 +103,7 @@ class TimerQueue:
                 self._cancelled -= 1
                 continue
             timer.cancelled = True
-            fired += 1
+            if not timer.quiet:
+                fired += 1
             timer.callback(*timer.args)
         return fired
