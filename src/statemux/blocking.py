@@ -148,10 +148,6 @@ def _payload_size(payload: object) -> int:
     return _NOMINAL_PAYLOAD
 
 
-def _merge_stats(into: Stats, src: Stats) -> None:
-    into.merge(src)
-
-
 class _Warning:
     """A warning logged the first time, then at most every ``interval`` seconds with how
     often it happened meanwhile: a server flapping at a bound must not flood the log."""
@@ -805,7 +801,7 @@ class BlockingMixIn(MachineHostMixIn):
     def _connection_done(self, conn: BlockingConnection) -> None:
         with self._cond:
             self._live.discard(conn)
-            _merge_stats(self.stats, conn.local.stats)
+            self.stats.merge(conn.local.stats)
             self._cond.notify_all()
         if self._accept_resume:  # descriptors were exhausted; one was just freed
             self._accept_resume = 0.0
@@ -1088,7 +1084,7 @@ class BlockingMixIn(MachineHostMixIn):
         ones: re-sent one by one they could pass datagrams the serving thread is queueing."""
         runnable = False
         with self._cond:
-            _merge_stats(self.stats, session.local.stats)
+            self.stats.merge(session.local.stats)
             self._cond.notify_all()
             peer = session.peer
             if not peer or self._sessions.get(peer) is not session:

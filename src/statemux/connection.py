@@ -307,16 +307,9 @@ class Connection(ReceiveBuffer):
             return
         self.closing = reason
         self._cancel_timers()
-        out = self.out
-        if out and not abort:
-            # Bytes a handler sent are delivered before a graceful close.
-            if self.joins_output:
-                data = b"".join(out)
-                self.bytes_out += len(data)
-                self._transmit(data)
-            else:
-                self._transmit_each()
-        out.clear()
+        if self.out and not abort:
+            self._hand_over()  # bytes a handler sent are delivered before a graceful close
+        self.out.clear()
         if self.closing is reason:  # not overtaken by an abort while transmitting
             self._closing(abort)
 
@@ -599,31 +592,32 @@ class Connection(ReceiveBuffer):
                     host.hub.unsubscribe(arg, self)
 
     def _settle(self) -> None:
-        """After handling: hand queued output to the transport in one piece."""
-        out = self.out
-        if out and self.closing is None:
-            if self.joins_output:
-                data = out[0] if len(out) == 1 else b"".join(out)
-                out.clear()
-                if not data:
-                    return
-                self.bytes_out += len(data)
-                self._transmit(data)
-            else:
-                self._transmit_each()  # every send() a datagram, an empty one too
+        """After handling: hand queued output to the transport."""
+        if self.out and self.closing is None and self._hand_over():
             self.last_active = self.host.time()
             # A producer that just sent a piece gets Drained as soon as the transport can
             # take more; one that sent nothing is not called again (no busy loop).
             if self.state.produces:
                 self._schedule_drained()
 
-    def _transmit_each(self) -> None:
-        """Each ``send()`` as its own message (datagrams)."""
-        pieces = self.out[:]
-        self.out.clear()
+    def _hand_over(self) -> bool:
+        """Give the queued output to the transport: in one piece on a stream, one message
+        per ``send()`` (an empty one too) on a datagram session. True if anything went."""
+        out = self.out
+        if self.joins_output:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if not data:
+                return False
+            self.bytes_out += len(data)
+            self._transmit(data)
+            return True
+        pieces = out[:]
+        out.clear()
         for data in pieces:
             self.bytes_out += len(data)
             self._transmit(data)
+        return True
 
     def _schedule_drained(self) -> None:
         if self.closing is None and not self.drain_scheduled:
